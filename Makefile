@@ -1,0 +1,30 @@
+# The two commands of the README. Each sets up .venv from nothing when needed.
+#   make demo   install, then run the main job (writes out.png)
+#   make test   install, then run the tests
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch; a CUDA user sets TORCH_SPEC (see README) or installs torch first.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.ldmrt-installed
+SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: install demo test clean
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ldmrt demo -o out.png
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info ldmrt/_C*.so

@@ -1,0 +1,145 @@
+#include "ldmrt/schedule.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace ldmrt {
+namespace {
+
+const double kPi = 3.14159265358979323846;
+
+std::vector<double> linspace(double start, double end, int n) {
+  std::vector<double> out(n);
+  // torch.linspace / np.linspace evaluate start + i * step; the last point is exact.
+  const double step = n > 1 ? (end - start) / (n - 1) : 0.0;
+  for (int i = 0; i < n; ++i) out[i] = start + i * step;
+  if (n > 1) out[n - 1] = end;
+  return out;
+}
+
+std::vector<double> cumprod_one_minus(const std::vector<double>& betas) {
+  std::vector<double> alphas_cumprod(betas.size());
+  double running = 1.0;
+  for (std::size_t i = 0; i < betas.size(); ++i) {
+    running *= 1.0 - betas[i];
+    alphas_cumprod[i] = running;
+  }
+  return alphas_cumprod;
+}
+
+}  // namespace
+
+std::vector<double> make_alphas_cumprod(const std::string& schedule, int num_timesteps,
+                                        double linear_start, double linear_end, double cosine_s) {
+  if (num_timesteps < 2) throw std::invalid_argument("num_timesteps must be >= 2, got " + std::to_string(num_timesteps));
+  std::vector<double> betas;
+  if (schedule == "linear") {
+    betas = linspace(std::sqrt(linear_start), std::sqrt(linear_end), num_timesteps);
+    for (double& b : betas) b = b * b;
+  } else if (schedule == "sqrt_linear") {
+    betas = linspace(linear_start, linear_end, num_timesteps);
+  } else if (schedule == "sqrt") {
+    betas = linspace(linear_start, linear_end, num_timesteps);
+    for (double& b : betas) b = std::sqrt(b);
+  } else if (schedule == "cosine") {
+    std::vector<double> f(num_timesteps + 1);
+    for (int i = 0; i <= num_timesteps; ++i) {
+      const double c = std::cos((static_cast<double>(i) / num_timesteps + cosine_s) / (1 + cosine_s) * kPi / 2);
+      f[i] = c * c;
+    }
+    betas.resize(num_timesteps);
+    for (int i = 0; i < num_timesteps; ++i)
+      betas[i] = std::clamp(1.0 - (f[i + 1] / f[0]) / (f[i] / f[0]), 0.0, 0.999);
+  } else {
+    throw std::invalid_argument("unknown schedule '" + schedule +
+                                "' (expected linear, sqrt_linear, sqrt or cosine)");
+  }
+  return cumprod_one_minus(betas);
+}
+
+double sigma_of_alpha(double alpha_cumprod) { return std::sqrt((1.0 - alpha_cumprod) / alpha_cumprod); }
+double alpha_of_sigma(double sigma) { return 1.0 / (1.0 + sigma * sigma); }
+
+void check_alphas_cumprod(const std::vector<double>& alphas_cumprod) {
+  if (alphas_cumprod.size() < 2)
+    throw std::invalid_argument("alphas_cumprod needs at least 2 entries, got " +
+                                std::to_string(alphas_cumprod.size()));
+  for (double a : alphas_cumprod)
+    if (!(a > 0.0 && a <= 1.0))
+      throw std::invalid_argument("alphas_cumprod values must lie in (0, 1], got " + std::to_string(a));
+}
+
+double timestep_of_sigma(const std::vector<double>& alphas_cumprod, double sigma) {
+  // k-diffusion: low = the last grid index whose log-sigma is <= log(sigma) (clamped to T - 2),
+  // then linear interpolation of the index in log-sigma, weight clamped to [0, 1].
+  const int T = static_cast<int>(alphas_cumprod.size());
+  const double log_sigma = std::log(sigma);
+  int low = 0;
+  for (int i = 0; i < T; ++i)
+    if (log_sigma - std::log(sigma_of_alpha(alphas_cumprod[i])) >= 0) low = i;
+  low = std::min(low, T - 2);
+  const double lo = std::log(sigma_of_alpha(alphas_cumprod[low]));
+  const double hi = std::log(sigma_of_alpha(alphas_cumprod[low + 1]));
+  const double w = std::clamp((lo - log_sigma) / (lo - hi), 0.0, 1.0);
+  return (1 - w) * low + w * (low + 1);
+}
+
+double alpha_at(const std::vector<double>& alphas_cumprod, double timestep) {
+  const int T = static_cast<int>(alphas_cumprod.size());
+  if (!(timestep >= 0 && timestep <= T - 1))
+    throw std::invalid_argument("timestep " + std::to_string(timestep) + " outside [0, " + std::to_string(T - 1) + "]");
+  const int low = std::min(static_cast<int>(std::floor(timestep)), T - 1);
+  const double w = timestep - low;
+  if (w == 0.0) return alphas_cumprod[low];
+  // k-diffusion t_to_sigma: log-sigma is linear in t between grid points.
+  const double log_sigma = (1 - w) * std::log(sigma_of_alpha(alphas_cumprod[low])) +
+                           w * std::log(sigma_of_alpha(alphas_cumprod[low + 1]));
+  return alpha_of_sigma(std::exp(log_sigma));
+}
+
+std::vector<double> make_timesteps(const std::string& spacing, int steps,
+                                   const std::vector<double>& alphas_cumprod, int steps_offset) {
+  check_alphas_cumprod(alphas_cumprod);
+  const int T = static_cast<int>(alphas_cumprod.size());
+  if (steps < 1 || steps > T)
+    throw std::invalid_argument("steps must be in [1, " + std::to_string(T) + "], got " + std::to_string(steps));
+  std::vector<double> ascending;
+  if (spacing == "uniform") {
+    for (int t = 0; t < T; t += T / steps) ascending.push_back(t + 1);
+    if (ascending.back() > T - 1)
+      throw std::invalid_argument("'uniform' spacing with " + std::to_string(steps) + " of " + std::to_string(T) +
+                                  " steps reaches timestep " + std::to_string(T) +
+                                  ", past the schedule (CompVis fails here too); choose another step count or "
+                                  "spacing");
+  } else if (spacing == "leading") {
+    const int ratio = T / steps;
+    for (int i = 0; i < steps; ++i) ascending.push_back(i * ratio + steps_offset);
+  } else if (spacing == "trailing") {
+    const double ratio = static_cast<double>(T) / steps;
+    // np.arange(T, 0, -ratio) has ceil(T / ratio) entries; np.round rounds half to even, as nearbyint.
+    const int count = static_cast<int>(std::ceil(T / ratio));
+    for (int i = count - 1; i >= 0; --i) ascending.push_back(std::nearbyint(T - i * ratio) - 1);
+  } else if (spacing == "linspace") {
+    for (double t : linspace(0, T - 1, steps)) ascending.push_back(std::nearbyint(t));
+  } else if (spacing == "karras") {
+    const double rho = 7.0;
+    const double sigma_min = sigma_of_alpha(alphas_cumprod.front());
+    const double sigma_max = sigma_of_alpha(alphas_cumprod.back());
+    const double min_inv_rho = std::pow(sigma_min, 1 / rho), max_inv_rho = std::pow(sigma_max, 1 / rho);
+    std::vector<double> descending;
+    for (double ramp : linspace(0, 1, steps))
+      descending.push_back(timestep_of_sigma(alphas_cumprod, std::pow(max_inv_rho + ramp * (min_inv_rho - max_inv_rho), rho)));
+    return descending;
+  } else {
+    throw std::invalid_argument("unknown timestep spacing '" + spacing +
+                                "' (expected uniform, leading, trailing, linspace or karras)");
+  }
+  for (double t : ascending)
+    if (t < 0 || t > T - 1)
+      throw std::invalid_argument("spacing '" + spacing + "' gives timestep " + std::to_string(t) + " outside [0, " +
+                                  std::to_string(T - 1) + "] (check steps_offset)");
+  return std::vector<double>(ascending.rbegin(), ascending.rend());
+}
+
+}  // namespace ldmrt

@@ -1,0 +1,1 @@
+"""Graph exports (installed as `ldmrt.export`): ONNX, TensorRT, compiled forms for C++ hosts."""

@@ -1,0 +1,79 @@
+"""Model configurations: CompVis `config.yaml` files (target/params) and the presets of the zoo.
+
+A config is the dict under `model:` of a CompVis yaml: {"target": "ldm....", "params": {...}}.
+`instantiate_from_config` builds ldmrt's classes from the CompVis target names, so a user's
+`config.yaml` is read as it is (training-only sections such as `data:` or `lossconfig` are ignored).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).with_name("presets")
+
+# CompVis target -> ldmrt class ("module:attr"). Anything else is refused with the list of targets.
+TARGETS = {
+    "ldm.models.diffusion.ddpm.LatentDiffusion": "ldmrt.models.ldm:LatentDiffusion",
+    "ldm.models.diffusion.ddpm.Layout2ImgDiffusion": "ldmrt.models.ldm:LatentDiffusion",
+    "ldm.modules.diffusionmodules.openaimodel.UNetModel": "ldmrt.models.unet:UNetModel",
+    "ldm.models.autoencoder.AutoencoderKL": "ldmrt.models.autoencoder:AutoencoderKL",
+    "ldm.models.autoencoder.VQModel": "ldmrt.models.autoencoder:VQModel",
+    "ldm.models.autoencoder.VQModelInterface": "ldmrt.models.autoencoder:VQModelInterface",
+    "ldm.models.autoencoder.IdentityFirstStage": "ldmrt.models.autoencoder:IdentityFirstStage",
+    "ldm.modules.encoders.modules.BERTEmbedder": "ldmrt.models.conditioners:BERTEmbedder",
+    "ldm.modules.encoders.modules.TransformerEmbedder": "ldmrt.models.conditioners:TransformerEmbedder",
+    "ldm.modules.encoders.modules.FrozenCLIPEmbedder": "ldmrt.models.conditioners:FrozenCLIPEmbedder",
+    "ldm.modules.encoders.modules.ClassEmbedder": "ldmrt.models.conditioners:ClassEmbedder",
+    "ldm.modules.encoders.modules.SpatialRescaler": "ldmrt.models.conditioners:SpatialRescaler",
+    "torch.nn.Identity": "torch.nn:Identity",
+}
+
+
+class ConfigError(ValueError):
+    """A model config that ldmrt cannot read or build."""
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(model: str | Path | dict) -> dict:
+    """The `model` config ({"target", "params"}) of a preset name, a CompVis yaml path, or a dict."""
+    if isinstance(model, dict):
+        cfg = model
+    else:
+        path = Path(model)
+        if not path.suffix and (PRESET_DIR / f"{model}.yaml").exists():
+            path = PRESET_DIR / f"{model}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown model {str(model)!r}: not a preset ({', '.join(preset_names())}) "
+                              "and not a config.yaml file")
+        try:
+            cfg = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if isinstance(cfg, dict) and "model" in cfg:
+        cfg = cfg["model"]
+    if not isinstance(cfg, dict) or "target" not in cfg:
+        raise ConfigError("a model config needs `target` and `params` (the `model:` section of a CompVis "
+                          "config.yaml)")
+    return copy.deepcopy(cfg)
+
+
+def resolve_target(target: str):
+    if target not in TARGETS:
+        raise ConfigError(f"unsupported target {target!r}; ldmrt builds: {', '.join(sorted(TARGETS))}")
+    module, attr = TARGETS[target].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def instantiate_from_config(cfg: dict):
+    cls = resolve_target(cfg["target"])
+    params = cfg.get("params") or {}
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise ConfigError(f"cannot build {cfg['target']} from its params: {e}") from None

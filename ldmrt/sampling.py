@@ -1,0 +1,129 @@
+"""Sampling: DDPM, DDIM, PLMS, DPM-Solver++(2M), Euler and Euler-ancestral, compiled to a plan and run by the
+C++ loop in `ldmrt._C` (csrc/).
+
+The model is any callable `eps = eps_fn(x, t)`: x has the latent's type (numpy array, or CPU torch tensor when
+x_T is one) and shape, t is a float timestep (fractional with Karras sigmas), and it returns eps of x's shape.
+It must not keep or modify x: x is the loop's own buffer, passed without a copy. With `guidance_scale` the
+callable receives the doubled batch [x; x] and must evaluate its first half with the unconditional and its
+second half with the conditional conditioning (it closes over both, e.g. c_in = cat([uc, c])); the loop makes
+that one call per evaluation and combines eps_u + s * (eps_c - eps_u).
+
+Latent conventions: the latent is always the variance-preserving x_t the eps-model takes (k-diffusion's
+x / sqrt(sigma^2 + 1)). x_T is unit Gaussian noise: CompVis samplers start from it as is, the k-diffusion ones
+from sigma_max * x_T in their own variables, exactly as k-diffusion does.
+"""
+import numpy as np
+
+from . import _C
+
+SAMPLERS = tuple(_C.sampler_names())
+SPACINGS = ("uniform", "leading", "trailing", "linspace", "karras")
+
+make_alphas_cumprod = _C.make_alphas_cumprod
+make_timesteps = _C.make_timesteps
+
+
+def make_plan(*, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform", steps_offset=0,
+              final_alpha_cumprod=None, strength=1.0):
+    """Compile a sampler into an `ldmrt._C.Plan` (see csrc/include/ldmrt/plan.h); raises ValueError on bad
+    arguments (steps < 1 or > T, eta < 0, unknown sampler or spacing, strength outside [0, 1])."""
+    return _C.make_plan(sampler, int(steps), _as_float64(alphas_cumprod), None if eta is None else float(eta),
+                        timestep_spacing, int(steps_offset),
+                        None if final_alpha_cumprod is None else float(final_alpha_cumprod), float(strength))
+
+
+def randn(seed, shape, *, stream=0, dtype="float32"):
+    """Philox4x32-10 + Box-Muller normal noise; bit-identical to ldmrt::randn in a C++ host. Returns numpy."""
+    return _C.randn(int(seed), list(shape), int(stream), str(np.dtype(dtype)))
+
+
+def sample(eps_fn, x_T, *, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform", steps_offset=0,
+           final_alpha_cumprod=None, guidance_scale=None, x0=None, mask=None, strength=1.0, seed=0, noise_fn=None):
+    """Run a sampler from x_T (float32 or float64, numpy or CPU torch); returns a new latent of x_T's type.
+
+    eta: DDIM's eta (default 0) or euler_ancestral's (default 1); other samplers take none.
+    timestep_spacing: "uniform" (CompVis DDIMSampler), "leading" (with steps_offset), "trailing", "linspace"
+        (diffusers) or "karras".
+    final_alpha_cumprod: DDIM/PLMS alpha after the last step (default alphas_cumprod[0] as CompVis; 1.0 is
+        diffusers' set_alpha_to_one).
+    x0, strength: img2img, run the last int(strength * steps) steps from x0 noised with x_T to the first of them.
+    x0, mask: inpainting with an ordinary model (CompVis semantics): before each step, where mask is 1 the latent
+        is replaced by x0 noised to that step's level. mask broadcasts to the latent's shape.
+    seed / noise_fn: the stochastic samplers' noise; Philox streams 1, 2, ... of `seed` by default, or
+        `noise_fn(draw)` returning unit normal noise of the latent's shape for draw 0, 1, ... (in loop order: per
+        step the inpainting blend's draw, then the step's; none where the coefficient is 0), e.g.
+        `lambda draw: torch.randn(shape, generator=g)` to reproduce a torch.Generator stream.
+    """
+    plan = make_plan(sampler=sampler, steps=steps, alphas_cumprod=alphas_cumprod, eta=eta,
+                     timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                     final_alpha_cumprod=final_alpha_cumprod, strength=strength)
+    return run(plan, eps_fn, x_T, guidance_scale=guidance_scale, x0=x0, mask=mask, seed=seed, noise_fn=noise_fn)
+
+
+def run(plan, eps_fn, x_T, *, guidance_scale=None, x0=None, mask=None, seed=0, noise_fn=None):
+    """Run a compiled plan (see `sample`)."""
+    torch = _torch_if_tensor(x_T)
+    if torch is not None:
+        if x_T.device.type != "cpu":
+            raise ValueError(f"x_T must be a CPU tensor for the CPU loop, got device {x_T.device}")
+        latent_t = x_T.detach().to(memory_format=torch.contiguous_format).clone()
+        latent = latent_t.numpy()  # shares memory with latent_t
+    else:
+        latent = np.array(x_T, order="C", copy=True)
+    if latent.dtype not in (np.float32, np.float64):
+        raise ValueError(f"x_T must be float32 or float64, got {latent.dtype}")
+    dtype = latent.dtype
+    x0_np = None if x0 is None else _as_array(x0, dtype, latent.shape, "x0", broadcast=False)
+    mask_np = None if mask is None else _as_array(mask, dtype, latent.shape, "mask", broadcast=True)
+    if guidance_scale is not None and latent.ndim == 0:
+        raise ValueError("guidance needs a batch dimension on x_T")
+
+    wrap = torch.from_numpy if torch is not None else (lambda x: x)
+
+    def model(x, t):
+        eps = _to_numpy(eps_fn(wrap(x), t), dtype)
+        if eps.shape != x.shape:
+            raise ValueError(f"the model returned shape {eps.shape} for an input of shape {x.shape}")
+        return eps
+
+    noise = None if noise_fn is None else (lambda draw: _as_array(noise_fn(draw), dtype, latent.shape, "noise"))
+    _C.run_plan(plan, latent, model, x0=x0_np, mask=mask_np, guidance_scale=guidance_scale, seed=int(seed),
+                noise_fn=noise)
+    return latent_t if torch is not None else latent
+
+
+def _torch_if_tensor(x):
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if isinstance(x, torch.Tensor) else None
+
+
+def _to_numpy(x, dtype):
+    """numpy view of a CPU tensor (or array) when it already has the dtype and is contiguous, else one copy."""
+    torch = _torch_if_tensor(x)
+    if torch is not None:
+        if x.device.type != "cpu":
+            raise ValueError(f"the model must return a CPU tensor, got device {x.device}")
+        x = x.detach()
+        if x.dtype != torch.float32 and x.dtype != torch.float64:
+            x = x.float()
+        x = x.numpy()
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _as_array(x, dtype, shape, name, broadcast=False):
+    x = _to_numpy(x, dtype)
+    if x.shape != tuple(shape):
+        if not broadcast:
+            raise ValueError(f"{name} has shape {x.shape}, expected the latent's {tuple(shape)}")
+        try:
+            x = np.ascontiguousarray(np.broadcast_to(x, shape))
+        except ValueError:
+            raise ValueError(f"{name} of shape {x.shape} does not broadcast to the latent's {tuple(shape)}") from None
+    return x
+
+
+def _as_float64(a):
+    return np.ascontiguousarray(_to_numpy(a, np.float64))

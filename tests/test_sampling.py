@@ -1,0 +1,295 @@
+"""Sampler plans (C++ loop, ldmrt.sampling) against the float64 reference loops (ldmrt.sampling_reference).
+
+Tolerances: relative L2 <= 1e-6 with float64 latents, <= 1e-5 with float32, on analytic toy denoisers and on a
+tiny random UNet. Parity with the CompVis DDIM/PLMS samplers themselves needs LDMRT_COMPVIS_SRC.
+"""
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from ldmrt import sampling, sampling_reference as ref
+
+T = 1000
+AC = sampling.make_alphas_cumprod("linear", T, 0.00085, 0.012)  # Stable Diffusion's schedule
+SHAPE = (2, 4, 8, 8)
+CASES = [(s, sp) for s in sampling.SAMPLERS for sp in sampling.SPACINGS]
+
+
+def rel_l2(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def gaussian_eps(mean, std):
+    """The exact eps-prediction for data x0 ~ N(mean, std^2): nonlinear in t, so every sampler's steps matter."""
+    def eps(x, t):
+        a = ref.alpha_at(AC, t)
+        x0_hat = mean + np.sqrt(a) * std ** 2 / (a * std ** 2 + 1 - a) * (x - np.sqrt(a) * mean)
+        return (x - np.sqrt(a) * x0_hat) / np.sqrt(1 - a)
+    return eps
+
+
+def guided_gaussian_eps(mean_u, mean_c, std):
+    """[uncond; cond] halves of the doubled batch see different data means, as with two conditionings."""
+    eps_u, eps_c = gaussian_eps(mean_u, std), gaussian_eps(mean_c, std)
+
+    def eps(x, t):
+        half = x.shape[0] // 2
+        return np.concatenate([eps_u(x[:half], t), eps_c(x[half:], t)])
+    return eps
+
+
+def philox_noise(dtype):
+    return lambda draw: sampling.randn(7, SHAPE, stream=draw + 1, dtype=dtype)
+
+
+def both(eps_fn, x_T, dtype, **kw):
+    """(plan result, float64 reference) from the same x_T and the same noise draws."""
+    out = sampling.sample(eps_fn, x_T.astype(dtype), seed=7, **kw)
+    expected = ref.sample_reference(eps_fn, x_T, noise_fn=philox_noise("float64"), **kw)
+    return out, expected
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return dict(x_T=sampling.randn(3, SHAPE, dtype="float64"), mean=rng.standard_normal(SHAPE) * 0.5,
+                mean_c=rng.standard_normal(SHAPE) * 0.5, x0=rng.standard_normal(SHAPE),
+                mask=(rng.random((2, 1, 8, 8)) > 0.5).astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-6), ("float32", 1e-5)])
+@pytest.mark.parametrize("sampler,spacing", CASES)
+def test_plan_matches_reference(data, sampler, spacing, dtype, tol):
+    kw = dict(sampler=sampler, steps=10, alphas_cumprod=AC, timestep_spacing=spacing)
+    out, expected = both(gaussian_eps(data["mean"], 0.7), data["x_T"], dtype, **kw)
+    assert out.dtype == np.dtype(dtype)
+    assert rel_l2(out, expected) <= tol
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-6), ("float32", 1e-5)])
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
+def test_guidance_img2img_inpainting(data, sampler, dtype, tol):
+    eps = guided_gaussian_eps(data["mean"], data["mean_c"], 0.7)
+    spacing = "karras" if sampler in ("euler", "euler_ancestral", "dpmpp_2m") else "leading"
+    kw = dict(sampler=sampler, steps=12, alphas_cumprod=AC, timestep_spacing=spacing, steps_offset=1,
+              guidance_scale=7.5)
+    for extra in (dict(x0=data["x0"], strength=0.6), dict(x0=data["x0"], mask=data["mask"]),
+                  dict(x0=data["x0"], mask=data["mask"], strength=0.5)):
+        if spacing == "karras":
+            kw["steps_offset"] = 0
+        out, expected = both(eps, data["x_T"], dtype, **kw, **extra)
+        assert rel_l2(out, expected) <= tol, extra
+
+
+def test_guidance_combines_one_doubled_call(data):
+    calls = []
+
+    def eps(x, t):
+        calls.append(x.shape)
+        return np.concatenate([np.zeros_like(x[:2]), np.ones_like(x[2:])])
+    out = sampling.sample(eps, data["x_T"], sampler="ddim", steps=3, alphas_cumprod=AC, guidance_scale=3.0,
+                          timestep_spacing="leading")
+    expected = ref.sample_reference(lambda x, t: np.full(x.shape, 3.0), data["x_T"], sampler="ddim", steps=3,
+                                    alphas_cumprod=AC, timestep_spacing="leading")
+    assert calls == [(4, 4, 8, 8)] * 3
+    assert rel_l2(out, expected) <= 1e-12
+
+
+def test_schedule_and_uniform_spacing_match_compvis_formulas():
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=np.float64) ** 2
+    assert rel_l2(AC, np.cumprod(1 - betas)) <= 1e-15
+    for name in ("linear", "cosine", "sqrt_linear", "sqrt"):
+        assert rel_l2(sampling.make_alphas_cumprod(name, T), ref.make_alphas_cumprod(name, T)) <= 1e-14
+    # range(0, T, T // S) + 1, including step counts that give extra entries (T=1000, S=7 -> 8 steps)
+    assert list(sampling.make_timesteps("uniform", 50, AC)) == list(range(981, 0, -20))
+    assert len(sampling.make_timesteps("uniform", 7, AC)) == 8
+    plan = sampling.make_plan(sampler="plms", steps=50, alphas_cumprod=AC)
+    assert plan.num_steps == 50 and len(plan.stages) == 51  # PLMS warm-up: one extra evaluation
+
+
+def test_spacings_match_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    for spacing in ("leading", "trailing", "linspace"):
+        for steps in (1, 7, 20, 50, 999):
+            sched = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=0.00085,
+                                            beta_end=0.012, steps_offset=1 if spacing == "leading" else 0,
+                                            timestep_spacing=spacing)
+            sched.set_timesteps(steps)
+            ours = sampling.make_timesteps(spacing, steps, AC, steps_offset=1 if spacing == "leading" else 0)
+            assert list(ours) == sched.timesteps.tolist(), (spacing, steps)
+    sched = diffusers.EulerDiscreteScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=0.00085,
+                                             beta_end=0.012, use_karras_sigmas=True)
+    sched.set_timesteps(20)
+    karras = sampling.make_timesteps("karras", 20, AC)
+    sigmas = np.sqrt((1 - np.array([ref.alpha_at(AC, t) for t in karras])) / [ref.alpha_at(AC, t) for t in karras])
+    assert rel_l2(sigmas, sched.sigmas.numpy()[:-1]) <= 1e-5  # diffusers keeps sigmas in float32
+
+
+def test_torch_tensors_in_and_out_without_copies(data):
+    x_T = torch.from_numpy(data["x_T"]).float()
+    seen = []
+
+    def eps(x, t):
+        assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
+        seen.append(x.data_ptr())
+        return torch.from_numpy(gaussian_eps(data["mean"], 0.7)(x.double().numpy(), t)).float()
+    out = sampling.sample(eps, x_T, sampler="dpmpp_2m", steps=5, alphas_cumprod=torch.from_numpy(AC).float(),
+                          timestep_spacing="karras")
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == x_T.shape
+    assert len(set(seen)) == 1 and seen[0] == out.data_ptr()  # the model sees the loop's latent itself
+    expected = ref.sample_reference(gaussian_eps(data["mean"], 0.7), data["x_T"], sampler="dpmpp_2m", steps=5,
+                                    alphas_cumprod=torch.from_numpy(AC).float().double().numpy(),
+                                    timestep_spacing="karras")
+    assert rel_l2(out.numpy(), expected) <= 1e-5
+
+
+def test_determinism_and_noise_sources(data):
+    eps = gaussian_eps(data["mean"], 0.7)
+    kw = dict(sampler="euler_ancestral", steps=8, alphas_cumprod=AC, timestep_spacing="trailing")
+    a = sampling.sample(eps, data["x_T"], seed=1, **kw)
+    assert np.array_equal(a, sampling.sample(eps, data["x_T"], seed=1, **kw))
+    assert rel_l2(sampling.sample(eps, data["x_T"], seed=2, **kw), a) > 1e-3
+    # a caller's noise (e.g. a torch.Generator stream) replaces the Philox draws
+    gen = torch.Generator().manual_seed(0)
+    draws = []
+
+    def noise_fn(draw):
+        draws.append(draw)
+        return torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    b = sampling.sample(eps, data["x_T"], noise_fn=noise_fn, **kw)
+    gen.manual_seed(0)
+    expected = ref.sample_reference(eps, data["x_T"], noise_fn=lambda d: torch.randn(SHAPE, generator=gen,
+                                                                                     dtype=torch.float64).numpy(), **kw)
+    assert draws == list(range(7))  # no noise after the last step
+    assert rel_l2(b, expected) <= 1e-12
+
+
+def test_strength_zero_returns_x0(data):
+    out = sampling.sample(gaussian_eps(data["mean"], 0.7), data["x_T"], sampler="ddim", steps=10, alphas_cumprod=AC,
+                          x0=data["x0"], strength=0.0)
+    assert np.array_equal(out, data["x0"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(steps=0), "steps must be in"),
+    (dict(steps=1001), "steps must be in"),
+    (dict(eta=-0.5), "eta must be >= 0"),
+    (dict(sampler="plms", eta=0.5), "takes no eta"),
+    (dict(sampler="heun"), "unknown sampler"),
+    (dict(timestep_spacing="quad"), "unknown timestep spacing"),
+    (dict(strength=1.5), "strength must be in"),
+    (dict(strength=-0.1), "strength must be in"),
+    (dict(steps=3), "past the schedule"),  # CompVis uniform: range(0, 1000, 333) + 1 reaches 1000
+    (dict(timestep_spacing="leading", steps_offset=5, steps=1), None),
+    (dict(timestep_spacing="leading", steps_offset=40, steps=50), "outside"),
+    (dict(alphas_cumprod=np.array([0.5, 1.5])), "must lie in"),
+    (dict(x0=np.zeros((2, 4, 8, 9))), "expected the latent's"),
+    (dict(x0=np.zeros(SHAPE), mask=np.zeros((3, 1, 8, 8))), "does not broadcast"),
+    (dict(strength=0.5), "needs x0"),
+    (dict(mask=np.zeros(SHAPE)), "needs x0"),
+])
+def test_bad_arguments_raise_value_error(data, kwargs, message):
+    kw = dict(sampler="ddim", steps=10, alphas_cumprod=AC, eps_fn=lambda x, t: np.zeros_like(x), x_T=data["x_T"])
+    kw.update(kwargs)
+    if message is None:
+        sampling.sample(**kw)
+        return
+    with pytest.raises(ValueError, match=message):
+        sampling.sample(**kw)
+
+
+def test_model_output_shape_is_checked(data):
+    with pytest.raises(ValueError, match=r"returned shape \(2, 4, 4, 4\) for an input of shape \(2, 4, 8, 8\)"):
+        sampling.sample(lambda x, t: np.zeros((2, 4, 4, 4)), data["x_T"], sampler="ddim", steps=2, alphas_cumprod=AC,
+                        timestep_spacing="leading")
+
+
+# --- a tiny random UNet (ldmrt.models.unet) with cross-attention conditioning and guidance ---
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    unet_module = pytest.importorskip("ldmrt.models.unet")
+    torch.manual_seed(0)
+    model = unet_module.UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1,
+                                  attention_resolutions=[2], channel_mult=[1, 2], num_heads=2,
+                                  use_spatial_transformer=True, context_dim=16, legacy=False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # CompVis zero-initialises output convs; random weights everywhere keep eps non-trivial
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    context = torch.randn(4, 5, 16, generator=gen)  # [uncond; cond] for a batch of 2
+    return model.eval(), context
+
+
+def unet_eps(model, context, dtype):
+    model = model.to(dtype)
+
+    def eps(x, t):
+        with torch.no_grad():
+            x = torch.as_tensor(np.asarray(x)).to(dtype)
+            out = model(x, torch.full((x.shape[0],), t, dtype=dtype), context.to(dtype)[: x.shape[0]] if x.shape[0] == 4
+                        else context.to(dtype)[2:])
+        return out.double().numpy()
+    return eps
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-6), ("float32", 1e-5)])
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
+def test_tiny_unet_plan_matches_reference(tiny_unet, data, sampler, dtype, tol):
+    model, context = tiny_unet
+    eps = unet_eps(model, context, getattr(torch, dtype))
+    spacing = "karras" if sampler == "dpmpp_2m" else "leading"
+    kw = dict(sampler=sampler, steps=4, alphas_cumprod=AC, timestep_spacing=spacing, guidance_scale=5.0)
+    out, expected = both(eps, data["x_T"], dtype, **kw)
+    assert rel_l2(out, expected) <= tol
+
+
+# --- parity with CompVis' own DDIMSampler / PLMSSampler (float32, their buffers are float32) ---
+
+def compvis_sampler_module(name):
+    src = os.environ.get("LDMRT_COMPVIS_SRC")
+    if not src:
+        pytest.skip("set LDMRT_COMPVIS_SRC to the CompVis latent-diffusion source to run CompVis parity")
+    sys.path.insert(0, src)
+    sys.modules.setdefault("tqdm", types.SimpleNamespace(tqdm=lambda it, **kw: it))
+    import importlib
+    return importlib.import_module(f"ldm.models.diffusion.{name}")
+
+
+class FakeLatentDiffusion:
+    """What DDIMSampler / PLMSSampler read from a LatentDiffusion: the schedule buffers and apply_model."""
+
+    def __init__(self, eps_fn):
+        self.num_timesteps = T
+        betas = 1 - AC / np.append(1.0, AC[:-1])
+        self.betas = torch.tensor(betas, dtype=torch.float32)
+        self.alphas_cumprod = torch.tensor(AC, dtype=torch.float32)
+        self.alphas_cumprod_prev = torch.tensor(np.append(1.0, AC[:-1]), dtype=torch.float32)
+        self.device = torch.device("cpu")
+        self.eps_fn = eps_fn
+
+    def apply_model(self, x, t, c):
+        return torch.from_numpy(self.eps_fn(x.double().numpy(), float(t[0]))).float()
+
+
+@pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 0.8), ("plms", 0.0)])
+def test_compvis_samplers_parity(data, name, eta):
+    module = compvis_sampler_module(name)
+    cls = module.DDIMSampler if name == "ddim" else module.PLMSSampler
+    eps = gaussian_eps(data["mean"], 0.7)
+    model = FakeLatentDiffusion(eps)
+    sampler = cls(model)
+    sampler.register_buffer = lambda name, attr: setattr(sampler, name, attr)  # CompVis moves buffers to CUDA
+    gen = torch.Generator().manual_seed(0)
+    x_T = torch.randn(SHAPE, generator=gen)
+    torch.manual_seed(11)  # CompVis draws its DDIM noise from the global generator, every step
+    expected, _ = sampler.sample(20, SHAPE[0], SHAPE[1:], conditioning=None, eta=eta, x_T=x_T, verbose=False)
+    torch.manual_seed(11)
+    out = sampling.sample(lambda x, t: torch.from_numpy(eps(x.double().numpy(), t)), x_T, sampler=name, steps=20,
+                          alphas_cumprod=model.alphas_cumprod, eta=eta, noise_fn=lambda draw: torch.randn(SHAPE))
+    assert rel_l2(out.numpy(), expected.numpy()) <= 1e-5, rel_l2(out.numpy(), expected.numpy())
