@@ -1,5 +1,7 @@
 // Counter-based Gaussian noise: Philox4x32-10 (Salmon et al. 2011) and Box-Muller, so a (seed, stream) pair gives
-// the same numbers in any process, thread order or device, and the Python binding returns exactly these bits.
+// the same numbers in any process or thread order, and the Python binding returns exactly these bits. The Philox
+// words are portable bit for bit; the normals are exact wherever the same libm runs (glibc picks sin/cos/log
+// variants per CPU, other libms may differ in the last bit).
 //
 // Layout: element pair j of stream s with seed k uses one Philox block with counter (j_lo, j_hi, s_lo, s_hi) and
 // key (k_lo, k_hi). Its four words give two 53-bit uniforms u1 = (w1:w0 >> 11 + 0.5) / 2^53 in (0, 1) and
