@@ -156,6 +156,9 @@ def load_model(model_or_config=None, ckpt=None, *, random_weights: bool = False,
     """
     if is_diffusers_folder(model_or_config) and ckpt is None:
         model_or_config, ckpt = None, model_or_config
+    if ckpt is None and not random_weights:
+        from .config import shipped_checkpoint
+        ckpt = shipped_checkpoint(model_or_config)
     sd = None
     if ckpt is not None and random_weights:
         raise ValueError("give a checkpoint or random_weights=True, not both")
@@ -190,24 +193,37 @@ def load_model(model_or_config=None, ckpt=None, *, random_weights: bool = False,
         if leftover:
             raise CheckpointError(f"{ckpt} left {len(leftover)} tensors unset ({_listing(leftover)})")
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.ldmrt_config = cfg  # the config it was built from: engines record it
     _attach_tokenizer(model, tokenizer, ckpt)
     return model
 
 
-def _attach_tokenizer(model, tokenizer, ckpt):
+def tokenizer_spec(model) -> tuple[str, int] | None:
+    """(kind, max_length) of the tokenizer the model's text encoder needs, or None if it takes no text."""
     cond = getattr(model, "cond_stage_model", None)
     if cond is None or not hasattr(cond, "tokenizer"):
+        return None
+    from .models.conditioners import FrozenCLIPEmbedder
+    if isinstance(cond, FrozenCLIPEmbedder):
+        return "clip", cond.max_length
+    return "bert", cond.transformer.max_seq_len
+
+
+def _attach_tokenizer(model, tokenizer, ckpt):
+    spec = tokenizer_spec(model)
+    if spec is None:
         return
-    from .tokenizer import find_tokenizer
+    from .tokenizer import TokenizerNotFoundError, find_tokenizer
+    kind, max_length = spec
     if tokenizer is None and ckpt is not None:
         try:
-            tokenizer = find_tokenizer(Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent)
-        except (FileNotFoundError, ValueError):
+            tokenizer = find_tokenizer(Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent, kind, max_length)
+        except TokenizerNotFoundError:
             tokenizer = None  # the text encoder raises a clear error if text arrives without one
     elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = find_tokenizer(Path(tokenizer))
+        tokenizer = find_tokenizer(Path(tokenizer), kind, max_length)
     if tokenizer is not None:
-        cond.tokenizer = tokenizer
+        model.cond_stage_model.tokenizer = tokenizer
 
 
 def save_checkpoint(model: nn.Module, path, *, extra: dict | None = None):

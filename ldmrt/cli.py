@@ -1,15 +1,88 @@
-"""The `ldmrt` command."""
+"""The `ldmrt` command: build engines, generate images, describe the machine and models."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
+import time
+from pathlib import Path
+
+SAMPLERS = ("ddim", "plms", "dpmpp_2m", "euler", "euler_ancestral", "ddpm")
 
 
 def cmd_info(args) -> int:
     from .info import format_info, model_info, system_info
     info = model_info(args.model) if args.model else system_info()
     print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .engine import Engine
+    Engine.build(args.model, args.output, ckpt=args.ckpt, fp16=args.fp16, backend=args.backend,
+                 random_weights=args.random_weights)
+    return 0
+
+
+def engine_cache_dir(model: str, backend: str, fp16: bool) -> Path:
+    root = Path(os.environ.get("LDMRT_CACHE", Path.home() / ".cache" / "ldmrt"))
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(model))
+    return root / "engines" / f"{safe}-{backend}-{'fp16' if fp16 else 'fp32'}"
+
+
+def _open_engine(args):
+    """--engine DIR, or an engine for --model built once into the cache and reused."""
+    from .engine import Engine, EngineError
+    if args.engine:
+        return Engine.load(args.engine)
+    if args.ckpt:
+        from .engine import DEFAULT_MODEL
+        target = Path(args.output).with_suffix("").as_posix() + ".engine"
+        return Engine.build(args.model or DEFAULT_MODEL, target, ckpt=args.ckpt, backend=args.backend)
+    from .engine import DEFAULT_MODEL
+    model = args.model or DEFAULT_MODEL
+    cache = engine_cache_dir(model, args.backend, False)
+    if cache.exists():
+        try:
+            return Engine.load(cache, verify=False)
+        except EngineError as e:
+            print(f"ldmrt: rebuilding the cached engine ({e})", file=sys.stderr)
+    return Engine.build(model, cache, backend=args.backend)
+
+
+def cmd_generate(args) -> int:
+    from PIL.PngImagePlugin import PngInfo
+
+    t0 = time.perf_counter()
+    engine = _open_engine(args)
+    t1 = time.perf_counter()
+    params = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
+                  guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, height=args.height,
+                  width=args.width, batch_size=args.batch_size, init_image=args.init_image, strength=args.strength,
+                  mask=args.mask, class_label=args.class_label, low_res_image=args.low_res_image)
+    images = engine.generate(args.prompt, **params, progress=not args.quiet)
+    t2 = time.perf_counter()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"prompt": args.prompt, **{k: v for k, v in params.items() if v is not None},
+              "engine": str(engine.path), "model": engine.manifest["model"].get("name"),
+              "backend": engine.manifest["backend"], "precision": engine.manifest["precision"],
+              "ldmrt": engine.manifest["ldmrt_version"]}
+    paths = []
+    for i, image in enumerate(images):
+        path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        info = PngInfo()
+        info.add_text("parameters", json.dumps({**record, "batch_index": i}))
+        info.add_text("ldmrt-command", shlex.join(["ldmrt", "generate", *sys.argv[2:]]) if args.argv is None
+                      else shlex.join(["ldmrt", *args.argv]))
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(path)
+        paths.append(str(path))
+    print(f"ldmrt generate: wrote {', '.join(paths)} ({images[0].width}x{images[0].height}, {args.steps} "
+          f"{args.sampler} steps) in {t2 - t1:.1f} s (+{t1 - t0:.1f} s loading {engine.path})")
     return 0
 
 
@@ -29,6 +102,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("build", help="export and compile a model into an engine folder")
+    p.add_argument("--model", help="preset name, CompVis config.yaml or diffusers folder (default: the shipped "
+                   "model)")
+    p.add_argument("--ckpt", help=".ckpt, .safetensors or diffusers folder with the weights")
+    p.add_argument("--fp16", action="store_true", help="reduced precision (fp16 graphs; bf16 on CPU torch)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
+    p.add_argument("--random-weights", action="store_true", help="no checkpoint: random weights (testing)")
+    p.add_argument("-o", "--output", required=True, help="engine folder to write")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("generate", help="generate images")
+    p.add_argument("prompt", nargs="?", help="the text prompt (text-to-image models)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--engine", help="an engine folder from `ldmrt build`")
+    src.add_argument("--model", help="a model to build (once, cached) and run; default: the shipped model")
+    p.add_argument("--ckpt", help="weights for --model")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default 5 where the model supports it)")
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--init-image", help="image for img2img / inpainting")
+    p.add_argument("--strength", type=float, default=0.75)
+    p.add_argument("--mask", help="mask image for inpainting (white = repaint)")
+    p.add_argument("--class-label", type=int)
+    p.add_argument("--low-res-image", help="input of super-resolution models")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", default="out.png")
+    p.set_defaults(func=cmd_generate, argv=None)
+
     p = sub.add_parser("demo", help="the README's main job: generate one image end to end")
     p.add_argument("-o", "--output", default="out.png")
     p.add_argument("--steps", type=int, default=20)
@@ -39,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        args.argv = list(argv) if argv is not None else None
     from .checkpoint import CheckpointError
     from .config import ConfigError
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 PRESET_DIR = Path(__file__).with_name("presets")
+ASSET_DIR = Path(__file__).with_name("assets")  # models that ship with their weights
 
 # CompVis target -> ldmrt class ("module:attr"). Anything else is refused with the list of targets.
 TARGETS = {
@@ -37,7 +38,14 @@ class ConfigError(ValueError):
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    shipped = [p.parent.name for p in ASSET_DIR.glob("*/config.yaml")]
+    return sorted({p.stem for p in PRESET_DIR.glob("*.yaml")} | set(shipped))
+
+
+def shipped_checkpoint(name) -> Path | None:
+    """The weights that ship inside the package for preset `name` (ldmrt/assets/NAME/model.ckpt), if any."""
+    path = ASSET_DIR / str(name) / "model.ckpt"
+    return path if isinstance(name, str) and path.is_file() else None
 
 
 def load_config(model: str | Path | dict) -> dict:
@@ -48,6 +56,8 @@ def load_config(model: str | Path | dict) -> dict:
         path = Path(model)
         if not path.suffix and (PRESET_DIR / f"{model}.yaml").exists():
             path = PRESET_DIR / f"{model}.yaml"
+        elif not path.suffix and (ASSET_DIR / str(model) / "config.yaml").exists():
+            path = ASSET_DIR / str(model) / "config.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown model {str(model)!r}: not a preset ({', '.join(preset_names())}) "
                               "and not a config.yaml file")

@@ -27,8 +27,11 @@ class TokenizerNotFoundError(FileNotFoundError):
 class _PaddedTokenizer:
     """A configured `tokenizers.Tokenizer` that always truncates and pads to `max_length`."""
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token: str):
+    kind: str  # "bert" or "clip"
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token: str, files: tuple[Path, ...]):
         pad_id = tokenizer.token_to_id(pad_token)
+        self.files = files  # the standard files it was read from: engines copy them for C++ hosts
         tokenizer.enable_truncation(max_length=max_length)
         tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
         self.tokenizer = tokenizer
@@ -55,6 +58,8 @@ def _special_token_id(tokenizer: Tokenizer, token: str, vocab_file: Path) -> int
 
 
 class BertTokenizer(_PaddedTokenizer):
+    kind = "bert"
+
     @classmethod
     def from_file(cls, vocab_txt: str | Path, max_length: int = 77) -> "BertTokenizer":
         vocab_txt = Path(vocab_txt)
@@ -69,7 +74,7 @@ class BertTokenizer(_PaddedTokenizer):
         tokenizer.add_special_tokens([t for t in (*ids, "[MASK]") if tokenizer.token_to_id(t) is not None])
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
-        return cls(tokenizer, max_length, pad_token="[PAD]")
+        return cls(tokenizer, max_length, pad_token="[PAD]", files=(vocab_txt,))
 
 
 # CLIP's pre-tokenization: its special tokens, English contractions, letter runs, single digits, and
@@ -79,6 +84,7 @@ _CLIP_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{
 
 class ClipTokenizer(_PaddedTokenizer):
     BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+    kind = "clip"
 
     @classmethod
     def from_files(cls, vocab_json: str | Path, merges_txt: str | Path, max_length: int = 77) -> "ClipTokenizer":
@@ -102,7 +108,7 @@ class ClipTokenizer(_PaddedTokenizer):
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{cls.BOS} $A {cls.EOS}", special_tokens=[(cls.BOS, bos), (cls.EOS, eos)])
         # SD v1 pads with <|endoftext|> (openai/clip-vit-large-patch14's pad token).
-        return cls(tokenizer, max_length, pad_token=cls.EOS)
+        return cls(tokenizer, max_length, pad_token=cls.EOS, files=(vocab_json, merges_txt))
 
 
 def find_tokenizer(directory: str | Path, kind: str | None = None,
