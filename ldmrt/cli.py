@@ -21,8 +21,9 @@ def cmd_info(args) -> int:
 
 def cmd_build(args) -> int:
     from .engine import Engine
+    from .export.tensorrt import options_from_args
     Engine.build(args.model, args.output, ckpt=args.ckpt, fp16=args.fp16, backend=args.backend,
-                 random_weights=args.random_weights)
+                 random_weights=args.random_weights, tensorrt=options_from_args(args))
     return 0
 
 
@@ -93,6 +94,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export.tensorrt import add_build_arguments as add_tensorrt_arguments
     parser = argparse.ArgumentParser(prog="ldmrt", description="A compiled inference runtime for Latent "
                                      "Diffusion Models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "model)")
     p.add_argument("--ckpt", help=".ckpt, .safetensors or diffusers folder with the weights")
     p.add_argument("--fp16", action="store_true", help="reduced precision (fp16 graphs; bf16 on CPU torch)")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
     p.add_argument("--random-weights", action="store_true", help="no checkpoint: random weights (testing)")
     p.add_argument("-o", "--output", required=True, help="engine folder to write")
+    add_tensorrt_arguments(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="generate images")
@@ -118,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--engine", help="an engine folder from `ldmrt build`")
     src.add_argument("--model", help="a model to build (once, cached) and run; default: the shipped model")
     p.add_argument("--ckpt", help="weights for --model")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--guidance-scale", type=float, default=None,

@@ -4,7 +4,7 @@
       manifest.json      format and versions, model config and summary, precision, backend, shape
                          ranges, per-file sha256, the libraries and device that built it
       cond_stage.onnx    the graphs of the model family (see ldmrt.export.graphs), or model.safetensors
-      unet.onnx          + config.yaml for the torch backend
+      unet.onnx          + config.yaml for the torch backend, or <graph>.plan for TensorRT
       decoder.onnx
       encoder.onnx
       tokenizer/         the tokenizer's standard files (vocab.txt, or vocab.json + merges.txt)
@@ -32,7 +32,7 @@ from . import __version__
 
 FORMAT = "ldmrt-engine"
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 DEFAULT_MODEL = "shapes"
 # Where classifier-free guidance has an unconditional input: text models ("" prompt) and class models
 # whose embedder has one more class than the data set (CompVis's cin256-v2 uses label 1000).
@@ -117,14 +117,18 @@ class Engine:
     @classmethod
     def build(cls, model=None, out_dir="engines/default", *, ckpt=None, config=None, fp16: bool = False,
               backend: str = "onnxruntime", random_weights: bool = False, tokenizer=None,
-              progress=print) -> "Engine":
+              tensorrt=None, progress=print) -> "Engine":
         """Load a model (preset name, config.yaml, diffusers folder; default: the shipped model), export
-        its graphs for `backend`, write the engine folder atomically, and return the loaded engine."""
+        its graphs for `backend`, write the engine folder atomically, and return the loaded engine.
+        tensorrt: ldmrt.export.tensorrt.BuildOptions (shape ranges, bf16, refit, timing cache)."""
         from .checkpoint import load_model
         from .config import shipped_checkpoint
 
         if backend not in BACKENDS:
             raise EngineError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if backend == "tensorrt":  # say what this machine lacks before loading any weights
+            from .export.tensorrt import check_build_environment
+            check_build_environment()
         model = DEFAULT_MODEL if model is None and ckpt is None and config is None else model
         if ckpt is None and not random_weights and isinstance(model, str):
             ckpt = shipped_checkpoint(model)
@@ -136,7 +140,7 @@ class Engine:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building."))
         try:
-            precision, graphs, device = cls._export(ldm, cfg, tmp, backend, fp16, progress)
+            precision, graphs, device, shapes = cls._export(ldm, cfg, tmp, backend, fp16, progress, tensorrt)
             tok = getattr(ldm.cond_stage_model, "tokenizer", None) if ldm.cond_stage_model is not None else None
             tokenizer = None
             if tok is not None:
@@ -154,12 +158,12 @@ class Engine:
                           "summary": model_summary(ldm, cfg)},
                 "tokenizer": tokenizer,
                 "graphs": graphs,
-                # Dynamic in ONNX Runtime; recorded for backends that compile per shape (TensorRT).
-                "shapes": {"batch": [1, 8], "size_multiple": model_summary(ldm, cfg)["size_multiple"]},
+                # Dynamic in ONNX Runtime; the profiles' ranges for TensorRT.
+                "shapes": shapes or {"batch": [1, 8], "size_multiple": model_summary(ldm, cfg)["size_multiple"]},
                 "files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                           for p in files},
                 "built_with": _library_versions(),
-                "device": _device_record(device),
+                "device": device if isinstance(device, dict) else _device_record(device),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _replace_dir(tmp, out_dir)
@@ -171,7 +175,7 @@ class Engine:
         return cls.load(out_dir)
 
     @staticmethod
-    def _export(ldm, cfg, out: Path, backend: str, fp16: bool, progress):
+    def _export(ldm, cfg, out: Path, backend: str, fp16: bool, progress, tensorrt=None):
         if backend == "torch":
             import yaml
 
@@ -180,11 +184,15 @@ class Engine:
             precision = "bf16" if fp16 else "fp32"
             save_checkpoint(ldm, out / "model.safetensors")
             (out / "config.yaml").write_text(yaml.safe_dump({"model": cfg}, sort_keys=False))
-            return precision, {"model": {"file": "model.safetensors", "config": "config.yaml"}}, "cpu"
+            return precision, {"model": {"file": "model.safetensors", "config": "config.yaml"}}, "cpu", None
+        if backend == "tensorrt":
+            from .export.tensorrt import export_tensorrt
+            return export_tensorrt(ldm, out, summary=model_summary(ldm, cfg), fp16=fp16, options=tensorrt,
+                                   progress=progress)
         from .export.onnx import export_onnx
         graphs = export_onnx(ldm, out, fp16=fp16)
         precision = "fp16" if fp16 else "fp32"
-        return precision, graphs, "cpu"
+        return precision, graphs, "cpu", None
 
     # --- load -----------------------------------------------------------------------------------
     @classmethod
@@ -208,6 +216,9 @@ class Engine:
                                   "pip install 'ldmrt[onnx]'") from None
             files = {name: path / g["file"] for name, g in manifest["graphs"].items()}
             backend = OnnxRuntimeBackend(files, providers=providers, threads=threads)
+        elif backend_name == "tensorrt":
+            from .backends.tensorrt import TensorRTBackend  # checks TensorRT, CUDA and the engine's fingerprint
+            backend = TensorRTBackend.from_manifest(path, manifest)
         else:
             raise EngineError(f"{path}: backend {backend_name!r} is not supported by ldmrt {__version__}; {rebuild}")
         tokenizer = None
@@ -242,6 +253,9 @@ class Engine:
         prep = self._conditioning(prompt, negative_prompt, guidance_scale, batch_size, class_label,
                                   low_res_image, init_image, mask, shape)
         scale = (DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale) if prep.guided else None
+        device = getattr(self.backend, "device", None)
+        if device is not None and torch.device(device).type == "cuda":  # constant per step: copied to the GPU once
+            prep = _Prepared(*(None if c is None else c.to(device) for c in (prep.context, prep.concat)), prep.guided)
 
         if latents is not None:
             x_T = torch.as_tensor(latents, dtype=torch.float32)
