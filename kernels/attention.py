@@ -1,0 +1,114 @@
+"""Flash-style attention forward in Triton: softmax(q k^T / sqrt(d)) v without materialising the scores.
+
+Each program owns BLOCK_M query rows of one (batch, head) and streams the keys/values in blocks of
+BLOCK_N, keeping a running row maximum and row sum (online softmax), so memory traffic is one read of
+q, k, v and one write of the output. Head dims that are not powers of two (SD's 40, 80, 160) are padded
+to the next power of two with masked loads; sequence lengths are arbitrary (masked tails). The torch
+reference is `ldmrt.models.ops.attention`.
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 256  # one padded head must fit a program's registers/shared memory
+
+
+@triton.jit
+def _attention_fwd(
+    Q, K, V, Out,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, seq_q, seq_k, head_dim, qk_scale_log2,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    batch = tl.program_id(1) // num_heads
+    head = tl.program_id(1) % num_heads
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + head * stride_kh
+    V += batch * stride_vb + head * stride_vh
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    q = tl.load(Q + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=(rows[:, None] < seq_q) & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Scores live in the log2 domain (scale folded with log2(e)) so the exponentials are exp2.
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Causal (top-left aligned, as torch's is_causal): keys past the block's last row never contribute.
+    end_n = seq_k
+    if CAUSAL:
+        end_n = tl.minimum(seq_k, start_m + BLOCK_M)
+    for start_n in range(0, end_n, BLOCK_N):
+        keys = start_n + cols
+        kv_mask = (keys[:, None] < seq_k) & dim_ok[None, :]
+        k = tl.load(K + keys[:, None] * stride_kn + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + keys[:, None] * stride_vn + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        valid = keys[None, :] < seq_k
+        if CAUSAL:
+            valid = valid & (keys[None, :] <= rows[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        # Every real row sees key 0 in the first block, so new_max is finite there (padding rows are
+        # never stored).
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        p = tl.exp2(s - new_max[:, None])
+        correction = tl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    out = acc / row_sum[:, None]
+    Out += batch * stride_ob + head * stride_oh
+    tl.store(Out + rows[:, None] * stride_om + dims[None, :] * stride_od, out.to(Out.dtype.element_ty),
+             mask=(rows[:, None] < seq_q) & dim_ok[None, :])
+
+
+# Triton picks the CPU interpreter (TRITON_INTERPRET=1) when the kernel is decorated, so ask the kernel.
+INTERPRETED = not isinstance(_attention_fwd, triton.JITFunction)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attention` handles these inputs (otherwise use the torch reference)."""
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.dtype == k.dtype == v.dtype
+            and q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] <= MAX_HEAD_DIM
+            and k.shape[:3] == v.shape[:3] and q.shape[:2] == k.shape[:2] and q.numel() > 0 and k.numel() > 0)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for q (B, H, Nq, d), k and v (B, H, Nk, d), any strides; causal masks key
+    j > query i. fp16/bf16/fp32; the output is contiguous, in q's dtype."""
+    assert supports(q, k, v), "unsupported attention inputs: check with supports() first"
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # Tiles sized so q, acc and one k/v block stay on chip for the widest padded heads (256).
+    block_m = 128 if block_d <= 128 else 64
+    block_n = 64 if block_d <= 128 else 32
+    num_warps = 4 if block_d <= 64 else 8
+    # The CPU interpreter computes tl.dot on bf16 operands wrongly: there (only) bf16 tiles are upcast to
+    # fp32 before the dots. On a GPU bf16 runs on the tensor cores like fp16.
+    upcast = q.dtype == torch.bfloat16 and INTERPRETED
+    # fp32 dots in true fp32 (torch's default; TF32 would cost ~3 decimal digits); fp16/bf16: the default.
+    precision = "ieee" if q.dtype == torch.float32 or upcast else None
+    grid = (triton.cdiv(seq_q, block_m), batch * heads)
+    _attention_fwd[grid](
+        q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, seq_q, seq_k, head_dim, head_dim ** -0.5 * 1.4426950408889634,
+        CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=2,
+    )
+    return out
