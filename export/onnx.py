@@ -2,16 +2,20 @@
 
 Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. Measured with torch 2.13 on the
 reduced SD UNet: it exports in ~4 s against ~40 s for `dynamo=True`, names the dynamic axes as asked
-(torch.export names them s0, s13, ... and writes output sizes as expressions), and its node patterns
-(InstanceNormalization-based GroupNorm, MatMul/Softmax attention) are the ones onnxruntime's transformer
-optimizer fuses. Both gave the same accuracy (rel L2 ~2e-6 fp32). It is deprecated in torch >= 2.9 and
-prints a DeprecationWarning (silenced here); switching means passing `dynamo=True` with `dynamic_shapes`.
+(torch.export names them s0, s13, ... and writes output sizes as expressions), traces any example size
+(torch.export specialises axes that reach 1 inside the UNet), and onnxruntime's transformer optimizer
+matches its GroupNorm/Gelu patterns (export/optimize.py). Both gave the same accuracy (rel L2 ~2e-6 fp32).
+It is deprecated in torch >= 2.9 and prints a DeprecationWarning (silenced here); switching means passing
+`dynamo=True` with `dynamic_shapes` (and installing onnxscript).
 
 fp16: the graph modules are cast to fp16 and traced, so the precision decisions live in the model code
 and match eager fp16 (graphs.cast_graph): GroupNorm statistics, the timestep embedding, the VQ codebook and
-its distances and the x0->eps conversion stay fp32 (float64 for the latter); graph inputs and outputs stay float32 (casts inside).
+its distances and the x0->eps conversion stay fp32 (float64 for the latter); graph inputs and outputs stay
+float32 (casts inside).
 The cond stage stays fp32 altogether: it runs once per image, and the TorchScript exporter's causal
 attention (CLIP) mixes fp32 into fp16 graphs (invalid ONNX: "Scale has inconsistent type").
+Tracing runs the model once: torch's fp16 convolutions on CPU are a naive kernel (a reduced decoder at
+64x64 took 8 s), so export fp16 with the model on a GPU, or expect minutes on CPU for full-size models.
 ONNX Runtime's CPU provider has few fp16 kernels and inserts casts around the rest: fp16 graphs are for
 GPUs; on CPUs export fp32 (bf16 for CPUs is a later decision).
 """
@@ -31,34 +35,35 @@ DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6+ and OR
 PROTOBUF_LIMIT = 2 ** 31  # a single .onnx protobuf cannot exceed 2 GB: weights go to external data
 
 
-def export_onnx(model, out_dir, *, fp16: bool = False, opset: int = DEFAULT_OPSET, fusions: bool = False,
+def export_onnx(model, out_dir, *, fp16: bool = False, opset: int = DEFAULT_OPSET, fusions: str | None = None,
                 external_data: bool | None = None, latent_size: int | None = None) -> dict[str, dict]:
     """Export every graph `model` needs to `out_dir`/<graph>.onnx; returns {graph: description}.
 
     description: {"file": "<graph>.onnx", "inputs"/"outputs": [{"name", "dtype", "shape"}] (symbolic axes
     by name), "precision": "fp32"|"fp16", "external_data": "<graph>.onnx.data" or None, "opset",
-    "fusions": list of the onnxruntime fused operators applied}.
+    "fusions": the onnxruntime fused operators applied, "fused_for": the provider they were chosen for}.
     external_data: None writes it only for graphs over 2 GB; True/False force it.
-    latent_size: the example size traced (graphs_for); the exported axes are dynamic either way.
-    fusions: rewrite onto onnxruntime's contrib operators (export/optimize.py); the result then needs
-    onnxruntime and no longer passes the plain onnx checker for those nodes' domain only.
+    latent_size: the example size traced, default the smallest the UNet takes; the axes are dynamic anyway.
+    fusions: "cpu" or "cuda": rewrite onto the onnxruntime fused operators kept for that provider
+    (export/optimize.py; none pay on CPU). A fused graph needs onnxruntime and that provider.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     results = {}
     with torch.no_grad():
+        latent_size = latent_size or graph_defs.unet_downsampling(model)  # the cheapest trace
         for name, graph in graph_defs.graphs_for(model, latent_size=latent_size).items():
             module, half = graph.module, fp16 and name != "cond_stage"
             if half:
                 module = graph_defs.cast_graph(copy.deepcopy(module), torch.float16)
             results[name] = _export_graph(name, module, graph, out_dir, opset=opset, fusions=fusions,
-                                          external_data=external_data)
+                                          fp16=half, external_data=external_data)
             results[name]["precision"] = "fp16" if half else "fp32"
     return results
 
 
-def _export_graph(name: str, module, graph, out_dir: Path, *, opset: int, fusions: bool,
+def _export_graph(name: str, module, graph, out_dir: Path, *, opset: int, fusions: str | None, fp16: bool,
                   external_data: bool | None) -> dict:
     path = out_dir / f"{name}.onnx"
     data_name = f"{name}.onnx.data"
@@ -73,12 +78,15 @@ def _export_graph(name: str, module, graph, out_dir: Path, *, opset: int, fusion
             torch.onnx.export(module, graph.example_inputs, str(traced), input_names=graph.input_names,
                               output_names=graph.output_names, dynamic_axes=graph.dynamic_axes,
                               opset_version=opset, dynamo=False, do_constant_folding=True)
+        # By path, so that models over 2 GB are checked too (the in-memory check stops there); before any
+        # fusion, whose com.microsoft operators the checker does not know.
+        onnx.checker.check_model(str(traced), full_check=True)
         proto = onnx.load(str(traced))
     applied = []
     if fusions:
         from .optimize import fuse
 
-        proto, applied = fuse(proto, name)
+        proto, applied = fuse(proto, name, fusions, fp16)
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     external = size > PROTOBUF_LIMIT - 2 ** 24 if external_data is None else external_data
     if external:
@@ -86,12 +94,9 @@ def _export_graph(name: str, module, graph, out_dir: Path, *, opset: int, fusion
                         location=data_name, size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
-    # By path, so that models with external data are checked too (the in-memory check stops at 2 GB).
-    # Fused graphs hold com.microsoft operators, which onnx's checker does not know: check the unfused form.
-    if not applied:
-        onnx.checker.check_model(str(path), full_check=True)
     return {"file": path.name, "inputs": _describe(proto.graph.input), "outputs": _describe(proto.graph.output),
-            "external_data": data_name if external else None, "opset": opset, "fusions": applied}
+            "external_data": data_name if external else None, "opset": opset, "fusions": applied,
+            "fused_for": fusions if applied else None}
 
 
 def _describe(values) -> list[dict]:
