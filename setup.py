@@ -7,6 +7,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -37,12 +38,27 @@ class CMakeBuild(build_ext):
                        cwd=build_dir, check=True)
 
 
+class BuildPyWithCppSources(build_py):
+    """Also ships the CMake project in the package (ldmrt/_cpp_src), so that an installed ldmrt can build
+    libldmrt, its C++ Engine, against the torch installed beside it (`python -m ldmrt.cpp build`)."""
+
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib) / "ldmrt" / "_cpp_src"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for name in ("CMakeLists.txt", "pyproject.toml"):  # CMakeLists.txt reads the version from pyproject.toml
+            shutil.copyfile(ROOT / name, dest / name)
+        for folder in ("cmake", "csrc"):
+            shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+
+
 packages = find_packages(include=["ldmrt", "ldmrt.*"]) + ["ldmrt.kernels", "ldmrt.export"]
 setup(
     packages=packages,
     package_dir={"ldmrt": "ldmrt", "ldmrt.kernels": "kernels", "ldmrt.export": "export"},
     package_data={"ldmrt": ["presets/*.yaml", "assets/*", "assets/**/*"]},
     ext_modules=[CMakeExtension("ldmrt._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithCppSources},
     zip_safe=False,
 )

@@ -27,6 +27,16 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_cpp_build(args) -> int:
+    from .cpp import build
+    try:
+        print(build(args.prefix, jobs=args.jobs, force=args.force))
+    except RuntimeError as e:
+        print(f"ldmrt cpp-build: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def engine_cache_dir(model: str, backend: str, fp16: bool) -> Path:
     root = Path(os.environ.get("LDMRT_CACHE", Path.home() / ".cache" / "ldmrt"))
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(model))
@@ -109,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "model)")
     p.add_argument("--ckpt", help=".ckpt, .safetensors or diffusers folder with the weights")
     p.add_argument("--fp16", action="store_true", help="reduced precision (fp16 graphs; bf16 on CPU torch)")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt", "aoti"),
+                   help="aoti: AOTInductor packages, also runnable from C++ hosts (examples/cpp)")
     p.add_argument("--random-weights", action="store_true", help="no checkpoint: random weights (testing)")
     p.add_argument("-o", "--output", required=True, help="engine folder to write")
     add_tensorrt_arguments(p)
@@ -121,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--engine", help="an engine folder from `ldmrt build`")
     src.add_argument("--model", help="a model to build (once, cached) and run; default: the shipped model")
     p.add_argument("--ckpt", help="weights for --model")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt", "aoti"))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--guidance-scale", type=float, default=None,
@@ -140,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=cmd_generate, argv=None)
+
+    p = sub.add_parser("cpp-build", help="build libldmrt, the C++ Engine, against this torch; prints the "
+                       "prefix for find_package(ldmrt) (examples/cpp/README.md)")
+    p.add_argument("--prefix", help="install prefix (default: ~/.cache/ldmrt/cpp/ldmrt-VERSION-torch-VERSION)")
+    p.add_argument("-j", "--jobs", type=int)
+    p.add_argument("--force", action="store_true", help="rebuild even when the prefix has an install")
+    p.set_defaults(func=cmd_cpp_build)
 
     p = sub.add_parser("demo", help="the README's main job: generate one image end to end")
     p.add_argument("-o", "--output", default="out.png")

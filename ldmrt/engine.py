@@ -4,7 +4,10 @@
       manifest.json      format and versions, model config and summary, precision, backend, shape
                          ranges, per-file sha256, the libraries and device that built it
       cond_stage.onnx    the graphs of the model family (see ldmrt.export.graphs), or model.safetensors
-      unet.onnx          + config.yaml for the torch backend, or <graph>.plan for TensorRT
+      unet.onnx          + config.yaml for the torch backend, or <graph>.plan for TensorRT, or
+                         <graph>.pt2 AOTInductor packages (backend "aoti": export/aoti.py; the same files
+                         run in C++ hosts, csrc/include/ldmrt/engine.h; their manifest "graphs" entries
+                         list each graph's inputs and outputs in call order)
       decoder.onnx
       encoder.onnx
       tokenizer/         the tokenizer's standard files (vocab.txt, or vocab.json + merges.txt)
@@ -32,7 +35,7 @@ from . import __version__
 
 FORMAT = "ldmrt-engine"
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "torch", "tensorrt", "aoti")
 DEFAULT_MODEL = "shapes"
 # Where classifier-free guidance has an unconditional input: text models ("" prompt) and class models
 # whose embedder has one more class than the data set (CompVis's cin256-v2 uses label 1000).
@@ -189,6 +192,12 @@ class Engine:
             from .export.tensorrt import export_tensorrt
             return export_tensorrt(ldm, out, summary=model_summary(ldm, cfg), fp16=fp16, options=tensorrt,
                                    progress=progress)
+        if backend == "aoti":
+            from .export.aoti import MAX_BATCH, MAX_LATENT, export_aoti
+            graphs = export_aoti(ldm, out, fp16=fp16, progress=progress)
+            multiple = model_summary(ldm, cfg)["size_multiple"]
+            return "fp16" if fp16 else "fp32", graphs, "cpu", {"batch": [1, MAX_BATCH], "size_multiple": multiple,
+                                                             "max_latent_size": MAX_LATENT}
         from .export.onnx import export_onnx
         graphs = export_onnx(ldm, out, fp16=fp16)
         precision = "fp16" if fp16 else "fp32"
@@ -216,6 +225,9 @@ class Engine:
                                   "pip install 'ldmrt[onnx]'") from None
             files = {name: path / g["file"] for name, g in manifest["graphs"].items()}
             backend = OnnxRuntimeBackend(files, providers=providers, threads=threads)
+        elif backend_name == "aoti":
+            from .backends.aoti import AotiBackend
+            backend = AotiBackend(manifest["graphs"], path)
         elif backend_name == "tensorrt":
             from .backends.tensorrt import TensorRTBackend  # checks TensorRT, CUDA and the engine's fingerprint
             backend = TensorRTBackend.from_manifest(path, manifest)

@@ -1,0 +1,268 @@
+// ldmrt::Engine: an AOTInductor engine folder run by libtorch, with the C++ sampler core. Mirrors
+// ldmrt/engine.py step for step (same inputs to the same graphs, same plan, noise and loop), which is what
+// makes the C++ and Python images of a seed identical; keep the two in step.
+#include "ldmrt/engine.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <map>
+
+#include "ldmrt/json.h"
+#include "ldmrt/loop.h"
+#include "ldmrt/rng.h"
+#include "ldmrt/samplers.h"
+
+#ifndef LDMRT_VERSION
+#error "LDMRT_VERSION must be defined by the build (CMakeLists.txt reads it from pyproject.toml)"
+#endif
+
+namespace ldmrt {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr const char* kFormat = "ldmrt-engine";
+constexpr int kFormatVersion = 1;  // ldmrt/engine.py FORMAT_VERSION
+constexpr double kDefaultGuidance = 5.0;  // ldmrt/engine.py DEFAULT_GUIDANCE
+
+struct Graph {
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
+  std::vector<std::string> inputs, outputs;
+};
+
+std::string major_minor(const std::string& version) {
+  const std::size_t first = version.find('.');
+  return version.substr(0, first == std::string::npos ? first : version.find('.', first + 1));
+}
+
+}  // namespace
+
+struct Engine::Impl {
+  std::string path;
+  ModelSummary summary;
+  std::map<std::string, Graph> graphs;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::map<std::vector<std::int64_t>, at::Tensor> context_cache;  // token ids -> (1, L, D)
+
+  void load(const std::string& folder);
+  const Graph& graph(const std::string& name) const;
+  std::vector<at::Tensor> run(const std::string& name, const std::map<std::string, at::Tensor>& inputs) const;
+  at::Tensor text_context(const std::vector<std::int64_t>& ids, const std::string& text);
+};
+
+void Engine::Impl::load(const std::string& folder) {
+  path = folder;
+  const std::string rebuild = "rebuild it: ldmrt build --backend aoti -o " + folder;
+  const fs::path dir(folder);
+  if (!fs::is_directory(dir)) throw EngineError("no engine at " + folder + ": build one with `ldmrt build --backend aoti -o " + folder + "`");
+  if (!fs::is_regular_file(dir / "manifest.json"))
+    throw EngineError(folder + " has no manifest.json: not an ldmrt engine, or an interrupted build; " + rebuild);
+  json::Value m;
+  try {
+    m = json::Value::parse(json::read_file((dir / "manifest.json").string()));
+    if (m.at("format").as_string() != kFormat) throw EngineError(folder + "/manifest.json is not an ldmrt engine manifest");
+    if (m.at("format_version").as_int() != kFormatVersion)
+      throw EngineError(folder + " has engine format " + std::to_string(m.at("format_version").as_int()) +
+                        ", this ldmrt " LDMRT_VERSION " reads format " + std::to_string(kFormatVersion) + ": " + rebuild);
+    const std::string built = m.at("ldmrt_version").as_string();
+    if (major_minor(built) != major_minor(LDMRT_VERSION))
+      throw EngineError(folder + " was built by ldmrt " + built + ", this is ldmrt " LDMRT_VERSION ": " + rebuild);
+    const std::string backend = m.at("backend").as_string();
+    if (backend != "aoti")
+      throw EngineError(folder + " is a " + backend + " engine; C++ hosts run AOTInductor engines: build one with "
+                        "`ldmrt build --backend aoti -o DIR`");
+    if (m.at("device").at("type").as_string() != "cpu")
+      throw EngineError(folder + " was compiled for " + m.at("device").at("type").as_string() +
+                        "; the C++ host runs CPU engines: " + rebuild);
+    for (std::size_t i = 0; i < m.at("files").size(); ++i) {
+      const std::string& rel = m.at("files").keys()[i];
+      const fs::path f = dir / rel;
+      if (!fs::is_regular_file(f)) throw EngineError(folder + " is missing " + rel + ": " + rebuild);
+      const auto bytes = m.at("files")[i].at("bytes").as_int();
+      if (static_cast<std::int64_t>(fs::file_size(f)) != bytes)
+        throw EngineError(folder + "/" + rel + " has " + std::to_string(fs::file_size(f)) + " bytes, the manifest says " +
+                          std::to_string(bytes) + " (truncated or replaced): " + rebuild);
+    }
+    const json::Value& s = m.at("model").at("summary");
+    summary.conditioning = s.at("conditioning").as_string();
+    summary.latent_channels = static_cast<int>(s.at("latent_channels").as_int());
+    summary.latent_factor = static_cast<int>(s.at("latent_factor").as_int());
+    summary.size_multiple = static_cast<int>(s.at("size_multiple").as_int());
+    summary.default_size = static_cast<int>(s.at("default_size").as_int());
+    for (const json::Value& a : s.at("alphas_cumprod").items()) summary.alphas_cumprod.push_back(a.as_number());
+    if (const json::Value* n = s.find("num_classes")) summary.num_classes = n->as_int();
+    if (const json::Value* u = s.find("uncond_class"); u && !u->is_null()) summary.uncond_class = u->as_int();
+    const json::Value& g = m.at("graphs");
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      Graph graph;
+      for (const json::Value& v : g[i].at("inputs").items()) graph.inputs.push_back(v.as_string());
+      for (const json::Value& v : g[i].at("outputs").items()) graph.outputs.push_back(v.as_string());
+      graph.package = std::make_unique<torch::inductor::AOTIModelPackageLoader>((dir / g[i].at("file").as_string()).string());
+      graphs.emplace(g.keys()[i], std::move(graph));
+    }
+    if (const json::Value* t = m.find("tokenizer"); t && !t->is_null())
+      tokenizer = Tokenizer::from_folder((dir / "tokenizer").string(), t->at("kind").as_string(),
+                                         static_cast<int>(t->at("max_length").as_int()));
+  } catch (const EngineError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw EngineError(folder + " cannot be loaded (" + e.what() + "): " + rebuild);
+  }
+}
+
+const Graph& Engine::Impl::graph(const std::string& name) const {
+  auto it = graphs.find(name);
+  if (it == graphs.end()) throw EngineError(path + " has no " + name + " graph");
+  return it->second;
+}
+
+std::vector<at::Tensor> Engine::Impl::run(const std::string& name, const std::map<std::string, at::Tensor>& inputs) const {
+  const Graph& g = graph(name);
+  std::vector<at::Tensor> args;
+  for (const std::string& input : g.inputs) {
+    auto it = inputs.find(input);
+    if (it == inputs.end()) throw EngineError("graph " + name + " needs input " + input);
+    args.push_back(it->second.contiguous());
+  }
+  std::vector<at::Tensor> out = g.package->run(args);
+  for (at::Tensor& t : out) t = t.to(at::kFloat).contiguous();
+  return out;
+}
+
+at::Tensor Engine::Impl::text_context(const std::vector<std::int64_t>& given, const std::string& text) {
+  std::vector<std::int64_t> ids = given;
+  if (ids.empty()) {
+    if (!tokenizer) throw EngineError(path + " has no tokenizer files: pass token_ids, or rebuild it from a checkpoint that has them");
+    ids = tokenizer->encode(text);
+  }
+  auto cached = context_cache.find(ids);
+  if (cached != context_cache.end()) return cached->second;
+  // One prompt at a time, batch 1, as Python's Engine._text_context (batching changes the GEMM blocking).
+  at::Tensor cond = at::tensor(ids, at::kLong).reshape({1, static_cast<std::int64_t>(ids.size())});
+  at::Tensor context = run("cond_stage", {{"cond", cond}})[0];
+  context_cache.emplace(ids, context);
+  return context;
+}
+
+Engine::Engine(const std::string& path, const EngineOptions& options) : impl_(std::make_unique<Impl>()) {
+  if (options.threads > 0) at::set_num_threads(options.threads);
+  impl_->load(path);
+}
+Engine::~Engine() = default;
+Engine::Engine(Engine&&) noexcept = default;
+Engine& Engine::operator=(Engine&&) noexcept = default;
+
+const ModelSummary& Engine::summary() const { return impl_->summary; }
+const Tokenizer* Engine::tokenizer() const { return impl_->tokenizer.get(); }
+const std::string& Engine::path() const { return impl_->path; }
+
+Latent Engine::generate_latent(const GenerateOptions& o) {
+  const ModelSummary& s = impl_->summary;
+  if (o.batch_size < 1) throw std::invalid_argument("batch_size must be >= 1, got " + std::to_string(o.batch_size));
+  const int height = o.height ? o.height : s.default_size, width = o.width ? o.width : s.default_size;
+  const int m = s.size_multiple;
+  if (height <= 0 || width <= 0 || height % m || width % m)
+    throw std::invalid_argument("size " + std::to_string(width) + "x" + std::to_string(height) +
+                                " is not supported by this model: width and height must be positive multiples of " +
+                                std::to_string(m));
+  const std::int64_t batch = o.batch_size;
+  const std::vector<std::int64_t> shape{batch, s.latent_channels, height / s.latent_factor, width / s.latent_factor};
+
+  // Conditioning and guidance, as Engine._conditioning.
+  const std::string& kind = s.conditioning;
+  const bool has_uncond = kind == "text" || (kind == "class" && s.uncond_class.has_value());
+  const bool custom = o.guidance_scale && *o.guidance_scale != 1.0;
+  bool guided = false;
+  if (kind == "text" || kind == "class") {
+    if (custom && !has_uncond)
+      throw std::invalid_argument("this model has no unconditional input, so no classifier-free guidance: leave "
+                                  "guidance_scale unset (or 1)");
+    guided = (!o.guidance_scale || custom) && has_uncond;
+  } else if (custom) {
+    throw std::invalid_argument("classifier-free guidance needs a text or class-conditional model; this one is "
+                                "conditioned on " + kind);
+  }
+  at::Tensor context;
+  if (kind == "text") {
+    if (o.prompt.empty() && o.token_ids.empty())
+      throw std::invalid_argument("this is a text-to-image model: give a prompt (or token_ids)");
+    at::Tensor cond = impl_->text_context(o.token_ids, o.prompt).expand({batch, -1, -1});
+    context = guided ? at::cat({impl_->text_context(o.negative_token_ids, o.negative_prompt).expand({batch, -1, -1}), cond})
+                     : cond;
+  } else if (kind == "class") {
+    if (!o.class_label) throw std::invalid_argument("this is a class-conditional model: give class_label (0.." +
+                                                    std::to_string(s.num_classes - 1) + ")");
+    if (*o.class_label < 0 || *o.class_label >= s.num_classes)
+      throw std::invalid_argument("class_label must be in 0.." + std::to_string(s.num_classes - 1));
+    at::Tensor labels = at::full({batch}, *o.class_label, at::kLong);
+    if (guided) labels = at::cat({at::full({batch}, *s.uncond_class, at::kLong), labels});
+    context = impl_->run("cond_stage", {{"cond", labels}})[0];
+  } else if (kind == "none") {
+    if (!o.prompt.empty()) throw std::invalid_argument("this model is unconditional: it takes no prompt");
+  } else {
+    throw EngineError("the C++ Engine generates with text, class-conditional and unconditional models; this one is "
+                      "conditioned on " + kind + ": use Python's ldmrt.Engine");
+  }
+  if (context.defined()) context = context.contiguous();
+  const double scale = o.guidance_scale.value_or(kDefaultGuidance);
+
+  SamplerConfig config;
+  config.sampler = o.sampler;
+  config.steps = o.steps;
+  config.alphas_cumprod = s.alphas_cumprod;
+  config.eta = o.eta;
+  config.timestep_spacing = o.timestep_spacing;
+  const Plan plan = make_plan(config);
+
+  std::size_t count = 1;
+  for (std::int64_t d : shape) count *= static_cast<std::size_t>(d);
+  Latent latent{shape, std::vector<float>(count)};
+  randn<float>(o.seed, 0, latent.values.data(), count);
+
+  at::Tensor eps;  // the last model output, alive while the loop reads it
+  const EpsModel<float> model = [&](const float* x, std::size_t n, double t) -> const float* {
+    std::vector<std::int64_t> x_shape = shape;
+    x_shape[0] = static_cast<std::int64_t>(n / (count / static_cast<std::size_t>(batch)));
+    std::map<std::string, at::Tensor> inputs{
+        {"x", at::from_blob(const_cast<float*>(x), x_shape, at::kFloat)},
+        {"t", at::full({x_shape[0]}, static_cast<float>(t), at::kFloat)}};
+    if (context.defined()) inputs.emplace("context", context);
+    eps = impl_->run("unet", inputs)[0];
+    if (static_cast<std::size_t>(eps.numel()) != n) throw EngineError("the unet graph returned a tensor of the wrong size");
+    return eps.data_ptr<float>();
+  };
+  LoopInputs<float> in;
+  if (guided) in.guidance_scale = scale;
+  Workspace<float> workspace = Workspace<float>::allocate(plan, count, guided);
+  run_plan<float>(plan, latent.values.data(), count, model, philox_noise<float>(o.seed), in, workspace);
+  return latent;
+}
+
+std::vector<Image> Engine::decode(const Latent& latent) {
+  at::Tensor z = at::from_blob(const_cast<float*>(latent.values.data()), latent.shape, at::kFloat);
+  const at::Tensor image = impl_->run("decoder", {{"latent", z}})[0];  // (B, 3, H, W) about [-1, 1]
+  const std::int64_t batch = image.size(0), height = image.size(2), width = image.size(3);
+  const float* data = image.data_ptr<float>();
+  std::vector<Image> images;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    Image out{static_cast<int>(width), static_cast<int>(height), std::vector<std::uint8_t>(height * width * 3)};
+    for (std::int64_t c = 0; c < 3; ++c) {
+      const float* plane = data + (b * 3 + c) * height * width;
+      for (std::int64_t i = 0; i < height * width; ++i) {
+        // The float32 operations of Python's Engine: ((clamp(x, -1, 1) + 1) / 2 * 255).round(), half to even.
+        const float v = (std::min(std::max(plane[i], -1.0f), 1.0f) + 1.0f) / 2.0f * 255.0f;
+        out.rgb[static_cast<std::size_t>(i * 3 + c)] = static_cast<std::uint8_t>(std::nearbyint(v));
+      }
+    }
+    images.push_back(std::move(out));
+  }
+  return images;
+}
+
+std::vector<Image> Engine::generate(const GenerateOptions& options) { return decode(generate_latent(options)); }
+
+}  // namespace ldmrt

@@ -1,0 +1,96 @@
+// ldmrt::Engine for C++ hosts: loads an engine folder built with `ldmrt build --backend aoti` (AOTInductor
+// packages, run by the libtorch of the torch that built them) and generates images with the same sampler
+// plans, Philox noise and loop as Python's ldmrt.Engine, so a seed gives the same image in both.
+//
+//   ldmrt::Engine engine("engines/shapes");
+//   std::vector<ldmrt::Image> images = engine.generate({.prompt = "a red circle", .steps = 30, .seed = 1});
+//
+// (Designated initialisers are C++20; in C++17 set the fields one by one.) This header needs no torch
+// headers; link the CMake target ldmrt::ldmrt (find_package(ldmrt), see examples/cpp). CPU engines only;
+// text, class-conditional and unconditional models (Python's Engine covers the image-conditioned ones).
+// An Engine is not thread-safe: use one per thread, or serialise calls.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ldmrt/tokenizer.h"
+
+namespace ldmrt {
+
+// An engine folder that cannot be used here (wrong format, backend or files), or a request the engine's
+// model cannot serve; the message says what to do.
+class EngineError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct EngineOptions {
+  int threads = 0;  // intra-op threads for the graphs (libtorch is process-wide); 0 leaves libtorch's default
+};
+
+// The fields Python's Engine.generate takes, with the same defaults, in an order that lets
+// {.prompt = ..., .steps = ..., .seed = ...} read naturally (every member has an initialiser, so designated
+// initialisers may leave any out).
+struct GenerateOptions {
+  std::string prompt{};          // text models
+  int steps = 50;
+  std::uint64_t seed = 0;        // x_T is Philox stream 0 of the seed, the samplers' noise streams 1, 2, ...
+  std::optional<double> guidance_scale{};  // unset: 5 where the model has an unconditional input, else none
+  std::string negative_prompt{};  // the unconditional text of classifier-free guidance
+  std::string sampler = "ddim";  // ddpm, ddim, plms, dpmpp_2m, euler, euler_ancestral
+  std::optional<double> eta{};
+  std::string timestep_spacing = "uniform";
+  int height = 0, width = 0;     // 0: the model's default size; else multiples of summary().size_multiple
+  int batch_size = 1;
+  std::optional<std::int64_t> class_label{};  // class-conditional models
+  // Token ids instead of prompt / negative_prompt (a host with its own tokenizer): max_length ids each, as
+  // the cond stage takes them. Empty: the engine's tokenizer tokenises the text.
+  std::vector<std::int64_t> token_ids{}, negative_token_ids{};
+};
+
+struct Image {
+  int width = 0, height = 0;
+  std::vector<std::uint8_t> rgb;  // height * width * 3 bytes, rows top to bottom
+};
+
+struct Latent {
+  std::vector<std::int64_t> shape;  // (batch, channels, height / factor, width / factor)
+  std::vector<float> values;
+};
+
+// What generate needs to know about the model (manifest.json "model" -> "summary").
+struct ModelSummary {
+  std::string conditioning;  // "text", "class", "none", or a kind the C++ Engine does not serve
+  int latent_channels = 0, latent_factor = 1, size_multiple = 1, default_size = 0;
+  std::vector<double> alphas_cumprod;
+  std::int64_t num_classes = 0;
+  std::optional<std::int64_t> uncond_class;
+};
+
+class Engine {
+ public:
+  // Reads and checks `path`/manifest.json and the files it lists (sizes), then loads the graphs.
+  explicit Engine(const std::string& path, const EngineOptions& options = {});
+  ~Engine();
+  Engine(Engine&&) noexcept;
+  Engine& operator=(Engine&&) noexcept;
+
+  std::vector<Image> generate(const GenerateOptions& options);
+  // The sampled latent, before the decoder (Python: output_type="latent").
+  Latent generate_latent(const GenerateOptions& options);
+  std::vector<Image> decode(const Latent& latent);
+
+  const ModelSummary& summary() const;
+  const Tokenizer* tokenizer() const;  // nullptr when the engine has no tokenizer files
+  const std::string& path() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ldmrt
