@@ -46,6 +46,7 @@ struct Engine::Impl {
   ModelSummary summary;
   std::map<std::string, Graph> graphs;
   std::unique_ptr<Tokenizer> tokenizer;
+  std::int64_t token_length = 0;  // the text encoder's sequence length, when the manifest records it
   std::map<std::vector<std::int64_t>, at::Tensor> context_cache;  // token ids -> (1, L, D)
 
   void load(const std::string& folder);
@@ -104,9 +105,11 @@ void Engine::Impl::load(const std::string& folder) {
       graph.package = std::make_unique<torch::inductor::AOTIModelPackageLoader>((dir / g[i].at("file").as_string()).string());
       graphs.emplace(g.keys()[i], std::move(graph));
     }
-    if (const json::Value* t = m.find("tokenizer"); t && !t->is_null())
+    if (const json::Value* t = m.find("tokenizer"); t && !t->is_null()) {
+      token_length = t->at("max_length").as_int();
       tokenizer = Tokenizer::from_folder((dir / "tokenizer").string(), t->at("kind").as_string(),
-                                         static_cast<int>(t->at("max_length").as_int()));
+                                         static_cast<int>(token_length));
+    }
   } catch (const EngineError&) {
     throw;
   } catch (const std::exception& e) {
@@ -138,6 +141,9 @@ at::Tensor Engine::Impl::text_context(const std::vector<std::int64_t>& given, co
   if (ids.empty()) {
     if (!tokenizer) throw EngineError(path + " has no tokenizer files: pass token_ids, or rebuild it from a checkpoint that has them");
     ids = tokenizer->encode(text);
+  } else if (token_length > 0 && static_cast<std::int64_t>(ids.size()) != token_length) {
+    throw std::invalid_argument("token_ids must hold the text encoder's " + std::to_string(token_length) +
+                                " ids (padded), got " + std::to_string(ids.size()));
   }
   auto cached = context_cache.find(ids);
   if (cached != context_cache.end()) return cached->second;

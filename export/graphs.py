@@ -36,6 +36,7 @@ from torch import nn
 
 from ldmrt.models import unet as unet_module
 from ldmrt.models.autoencoder import DiagonalGaussianDistribution, VectorQuantizer, VQModelInterface
+from ldmrt.models.ldm import eps_from_x0
 
 
 class Graph(NamedTuple):
@@ -115,9 +116,8 @@ class UNetGraph(nn.Module):
         c_concat = [named["concat"].to(dtype)] if "concat" in named else None
         c_crossattn = [named["context"].to(dtype)] if "context" in named else None
         out = self.model(x.to(dtype), t, c_concat=c_concat, c_crossattn=c_crossattn)
-        if self.parameterization == "x0":  # same formula as LatentDiffusion.predict_eps
-            a = self.alphas_cumprod.to(x.device)[t.long()].view(-1, 1, 1, 1)
-            return ((x.double() - a.sqrt() * out.double()) / (1 - a).sqrt()).float()
+        if self.parameterization == "x0":
+            return eps_from_x0(self.alphas_cumprod, x.float(), t, out).float()
         return out.float()
 
 

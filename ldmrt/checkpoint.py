@@ -181,8 +181,9 @@ def load_model(model_or_config=None, ckpt=None, *, random_weights: bool = False,
     cfg = load_config(model_or_config)
 
     if sd is None:
-        torch.manual_seed(seed)
-        model = instantiate_from_config(cfg)
+        with torch.random.fork_rng():  # seeded random weights, without reseeding the caller's generator
+            torch.manual_seed(seed)
+            model = instantiate_from_config(cfg)
     else:
         # Networks are built on the meta device and take the checkpoint's tensors: no random init,
         # no second copy of the weights.

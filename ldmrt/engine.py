@@ -120,10 +120,12 @@ class Engine:
     @classmethod
     def build(cls, model=None, out_dir="engines/default", *, ckpt=None, config=None, fp16: bool = False,
               backend: str = "onnxruntime", random_weights: bool = False, tokenizer=None,
-              tensorrt=None, progress=print) -> "Engine":
+              tensorrt=None, onnx_fusions: str | None = None, progress=print) -> "Engine":
         """Load a model (preset name, config.yaml, diffusers folder; default: the shipped model), export
         its graphs for `backend`, write the engine folder atomically, and return the loaded engine.
-        tensorrt: ldmrt.export.tensorrt.BuildOptions (shape ranges, bf16, refit, timing cache)."""
+        tensorrt: ldmrt.export.tensorrt.BuildOptions (shape ranges, bf16, refit, timing cache).
+        onnx_fusions: None, or "cuda" to fuse onto ONNX Runtime's CUDA contrib operators (such an engine
+        needs the CUDA execution provider; on CPUs no fusion measured faster, see export/optimize.py)."""
         from .checkpoint import load_model
         from .config import shipped_checkpoint
 
@@ -132,6 +134,13 @@ class Engine:
         if backend == "tensorrt":  # say what this machine lacks before loading any weights
             from .export.tensorrt import check_build_environment
             check_build_environment()
+        if backend == "onnxruntime":
+            try:
+                import onnx  # noqa: F401
+                import onnxruntime  # noqa: F401
+            except ImportError as e:
+                raise EngineError(f"the onnxruntime backend needs onnx and onnxruntime ({e}): "
+                                  "pip install 'ldmrt[onnx]', or build with --backend torch") from None
         model = DEFAULT_MODEL if model is None and ckpt is None and config is None else model
         if ckpt is None and not random_weights and isinstance(model, str):
             ckpt = shipped_checkpoint(model)
@@ -143,7 +152,9 @@ class Engine:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building."))
         try:
-            precision, graphs, device, shapes = cls._export(ldm, cfg, tmp, backend, fp16, progress, tensorrt)
+            summary = model_summary(ldm, cfg)
+            precision, graphs, device, shapes = cls._export(ldm, summary, cfg, tmp, backend, fp16, progress,
+                                                            tensorrt, onnx_fusions)
             tok = getattr(ldm.cond_stage_model, "tokenizer", None) if ldm.cond_stage_model is not None else None
             tokenizer = None
             if tok is not None:
@@ -158,11 +169,12 @@ class Engine:
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "backend": backend, "precision": precision,
                 "model": {"name": str(model) if isinstance(model, (str, os.PathLike)) else None, "config": cfg,
-                          "summary": model_summary(ldm, cfg)},
+                          "summary": summary},
                 "tokenizer": tokenizer,
                 "graphs": graphs,
-                # Dynamic in ONNX Runtime; the profiles' ranges for TensorRT.
-                "shapes": shapes or {"batch": [1, 8], "size_multiple": model_summary(ldm, cfg)["size_multiple"]},
+                # "batch" counts images (a guided UNet runs twice as many); backends that compile shape
+                # ranges (TensorRT profiles, AOTInductor guards) record their limits, which generate checks.
+                "shapes": shapes or {"size_multiple": summary["size_multiple"]},
                 "files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                           for p in files},
                 "built_with": _library_versions(),
@@ -178,7 +190,8 @@ class Engine:
         return cls.load(out_dir)
 
     @staticmethod
-    def _export(ldm, cfg, out: Path, backend: str, fp16: bool, progress, tensorrt=None):
+    def _export(ldm, summary: dict, cfg, out: Path, backend: str, fp16: bool, progress, tensorrt=None,
+                onnx_fusions=None):
         if backend == "torch":
             import yaml
 
@@ -190,23 +203,27 @@ class Engine:
             return precision, {"model": {"file": "model.safetensors", "config": "config.yaml"}}, "cpu", None
         if backend == "tensorrt":
             from .export.tensorrt import export_tensorrt
-            return export_tensorrt(ldm, out, summary=model_summary(ldm, cfg), fp16=fp16, options=tensorrt,
-                                   progress=progress)
+            return export_tensorrt(ldm, out, summary=summary, fp16=fp16, options=tensorrt, progress=progress)
         if backend == "aoti":
             from .export.aoti import MAX_BATCH, MAX_LATENT, export_aoti
             graphs = export_aoti(ldm, out, fp16=fp16, progress=progress)
-            multiple = model_summary(ldm, cfg)["size_multiple"]
-            return "fp16" if fp16 else "fp32", graphs, "cpu", {"batch": [1, MAX_BATCH], "size_multiple": multiple,
-                                                             "max_latent_size": MAX_LATENT}
+            # MAX_BATCH bounds the UNet's batch, which guidance doubles.
+            return "fp16" if fp16 else "fp32", graphs, "cpu", {
+                "batch": [1, MAX_BATCH // 2], "size_multiple": summary["size_multiple"],
+                "max_size": MAX_LATENT * summary["latent_factor"]}
         from .export.onnx import export_onnx
-        graphs = export_onnx(ldm, out, fp16=fp16)
+        graphs = export_onnx(ldm, out, fp16=fp16, fusions=onnx_fusions)
         precision = "fp16" if fp16 else "fp32"
         return precision, graphs, "cpu", None
 
     # --- load -----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path, *, verify: bool = True, providers=None, threads: int | None = None) -> "Engine":
-        """Check the manifest and files (sha256 when `verify`), then load the backend."""
+    def load(cls, path, *, verify: bool = True, device: str | None = None, providers=None,
+             threads: int | None = None) -> "Engine":
+        """Check the manifest and files (sha256 when `verify`), then load the backend.
+
+        device: for torch engines, "cpu" or "cuda[:i]" (default: CUDA when available). providers/threads:
+        ONNX Runtime execution providers (default: the best available) and intra-op threads."""
         path = Path(path)
         manifest = read_manifest(path, verify=verify)
         rebuild = f"rebuild it: ldmrt build --model {manifest['model'].get('name') or 'MODEL'} -o {path}"
@@ -215,8 +232,12 @@ class Engine:
             from .backends.torch import TorchBackend
             from .checkpoint import load_model
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[manifest["precision"]]
-            ldm = load_model(path / "config.yaml", path / "model.safetensors")
-            backend = TorchBackend(ldm, dtype=dtype)
+            ldm = load_model(path / "config.yaml", path / "model.safetensors", tokenizer=path / "tokenizer"
+                             if manifest.get("tokenizer") else None)
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if dtype == torch.bfloat16 and device.startswith("cuda"):
+                dtype = torch.float16  # "--fp16" engines: bf16 is the CPU's stand-in, GPUs run fp16
+            backend = TorchBackend(ldm, device=device, dtype=dtype)
         elif backend_name == "onnxruntime":
             try:
                 from .backends.onnxruntime import OnnxRuntimeBackend
@@ -249,7 +270,8 @@ class Engine:
         """Images from the engine. See README "Engine.generate" for each model family's inputs.
 
         guidance_scale: None means 5.0 where the model has an unconditional input (text models, class
-        models with a null class), 1.0 (no guidance) otherwise. mask: 1/white marks what to repaint.
+        models with a null class), 1.0 (no guidance) otherwise. mask: 1/white marks what to repaint; with
+        an ordinary model it is masked img2img, and `strength` applies to it too (1.0 repaints from noise).
         latents: caller-given x_T (B, C, h, w), e.g. from torch.Generator, to reproduce other tools' images.
         output_type: "pil" (list of PIL images), "np" (B, H, W, 3) float32 in [0, 1], or "latent".
         """
@@ -261,6 +283,7 @@ class Engine:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         height, width = self._check_size(height, width, init_image, low_res_image)
+        self._check_limits(batch_size, height, width)
         shape = (batch_size, s["latent_channels"], height // s["latent_factor"], width // s["latent_factor"])
         prep = self._conditioning(prompt, negative_prompt, guidance_scale, batch_size, class_label,
                                   low_res_image, init_image, mask, shape)
@@ -285,19 +308,23 @@ class Engine:
             raise ValueError("mask needs init_image (the image to inpaint)")
         plan = make_plan(sampler=sampler, steps=steps, alphas_cumprod=self.alphas_cumprod, eta=eta,
                          timestep_spacing=timestep_spacing,
-                         strength=strength if img2img and sample_mask is None else 1.0)
+                         strength=strength if img2img else 1.0)
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(plan.stages), desc="ldmrt", unit="step")
 
+        # The UNet's inputs are built once; per step only x (the loop's own buffer) and t change.
+        unet_batch = batch_size * (2 if scale is not None else 1)
+        inputs = {"t": torch.zeros(unet_batch, dtype=torch.float32)}
+        if prep.context is not None:
+            inputs["context"] = prep.context
+        if prep.concat is not None:
+            inputs["concat"] = prep.concat
+
         def eps_fn(x, t):
-            inputs = {"x": x, "t": torch.full((x.shape[0],), float(t), dtype=torch.float32)}
-            if prep.context is not None:
-                inputs["context"] = prep.context
-            if prep.concat is not None:
-                inputs["concat"] = prep.concat
-            eps = self.backend.run("unet", **inputs)["eps"]
+            inputs["t"].fill_(t)
+            eps = self.backend.run("unet", x=x, **inputs)["eps"]
             if bar is not None:
                 bar.update(1)
             return eps
@@ -339,6 +366,17 @@ class Engine:
                              f"downsampling); e.g. {max(m, round(width / m) * m)}x{max(m, round(height / m) * m)}")
         return height, width
 
+    def _check_limits(self, batch, height, width):
+        """The shape ranges compiled into the engine (TensorRT profiles, AOTInductor guards)."""
+        shapes = self.manifest.get("shapes", {})
+        lo, hi = shapes.get("batch", [1, None])
+        if batch < lo or (hi is not None and batch > hi):
+            raise ValueError(f"batch_size {batch} is outside this engine's range {lo}..{hi}: rebuild it for "
+                             "larger batches (see `ldmrt build --help`)")
+        for name, side in (("height", height), ("width", width)):
+            if shapes.get("max_size") and side > shapes["max_size"]:
+                raise ValueError(f"{name} {side} exceeds this engine's maximum {shapes['max_size']}")
+
     def _conditioning(self, prompt, negative_prompt, guidance_scale, batch, class_label, low_res_image,
                       init_image, mask, shape) -> _Prepared:
         s = self.summary
@@ -360,10 +398,14 @@ class Engine:
                 raise ValueError("this is a text-to-image model: give a prompt")
             cond = self._text_context(prompt).expand(batch, -1, -1)
             context = torch.cat([self._text_context(negative_prompt).expand(batch, -1, -1), cond]) if guided else cond
+            context = context.contiguous()  # once here, not per step in the backends
         elif kind == "class":
             if class_label is None:
                 raise ValueError(f"this is a class-conditional model: give class_label (0..{s['num_classes'] - 1})")
-            labels = torch.as_tensor(class_label, dtype=torch.long).reshape(-1).expand(batch)
+            labels = torch.as_tensor(class_label, dtype=torch.long).reshape(-1)
+            if labels.numel() not in (1, batch):
+                raise ValueError(f"class_label: give one label or batch_size={batch} labels, not {labels.numel()}")
+            labels = labels.expand(batch).contiguous()
             if (labels < 0).any() or (labels >= s["num_classes"]).any():
                 raise ValueError(f"class_label must be in 0..{s['num_classes'] - 1}")
             if guided:
@@ -409,11 +451,12 @@ class Engine:
 def _image_tensor(image, height, width, batch) -> torch.Tensor:
     """PIL image, path, (H, W, 3) uint8/float array or (B, 3, H, W) tensor in [-1, 1] -> (B, 3, H, W) in [-1, 1]."""
     if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
-        image = Image.open(image)
+        image = _open_image(image)
     if hasattr(image, "convert"):  # PIL
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"an image array must be (H, W, 3), got shape {image.shape}")
         arr = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
         t = torch.from_numpy(arr * 2 - 1).permute(2, 0, 1)[None]
     else:
@@ -424,11 +467,18 @@ def _image_tensor(image, height, width, batch) -> torch.Tensor:
     return t.expand(batch, -1, -1, -1).contiguous() if t.shape[0] == 1 else t
 
 
+def _open_image(path):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        return Image.open(path)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
 def _mask_tensor(mask, height, width, batch) -> torch.Tensor:
     """PIL/array/tensor mask (1 or white = repaint) -> (B, 1, H, W) float in {0, 1}."""
     if isinstance(mask, (str, os.PathLike)):
-        from PIL import Image
-        mask = Image.open(mask)
+        mask = _open_image(mask)
     if hasattr(mask, "convert"):
         mask = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
     m = torch.as_tensor(np.asarray(mask, dtype=np.float32))
@@ -487,7 +537,11 @@ def _replace_dir(new: Path, target: Path):
     if target.exists():
         old = target.with_name(f".{target.name}.old.{os.getpid()}")
         target.rename(old)
-        new.rename(target)
+        try:
+            new.rename(target)
+        except BaseException:
+            old.rename(target)  # put the working engine back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(target)

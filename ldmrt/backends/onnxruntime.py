@@ -59,6 +59,9 @@ class OnnxRuntimeBackend:
             wanted = _with_options(providers or best_providers(), Path(path).parent, device_id)
             self.sessions[name] = _create_session(Path(path), options, wanted)
             self.providers[name] = self.sessions[name].get_providers()
+        # Per session once, not per step: input names with their numpy types, output names.
+        self._io = {name: ([(i.name, NUMPY_TYPES[i.type]) for i in sess.get_inputs()],
+                           [o.name for o in sess.get_outputs()]) for name, sess in self.sessions.items()}
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -68,12 +71,10 @@ class OnnxRuntimeBackend:
         if graph not in self.sessions:
             raise KeyError(f"no graph {graph!r} in this engine; it has {', '.join(self.sessions)}")
         session = self.sessions[graph]
-        specs = session.get_inputs()
-        check_inputs(graph, [s.name for s in specs], inputs)
+        specs, names = self._io[graph]
+        check_inputs(graph, [name for name, _ in specs], inputs)
         # Graph inputs are float32/int64 (export/graphs.py); the cast only matters for other exports.
-        feeds = {s.name: inputs[s.name].detach().cpu().numpy().astype(NUMPY_TYPES[s.type], copy=False)
-                 for s in specs}
-        names = [o.name for o in session.get_outputs()]
+        feeds = {name: inputs[name].detach().cpu().numpy().astype(dtype, copy=False) for name, dtype in specs}
         if self.providers[graph][0] in GPU_PROVIDERS:
             outputs = self._run_bound(session, feeds, names)
         else:

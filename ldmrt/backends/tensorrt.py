@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..engine import EngineError
+from .torch import check_inputs
 
 MIN_TENSORRT = (10, 0)  # execute_async_v3, int64 I/O tensors, USER_MANAGED context memory, OnnxParserRefitter
 INSTALL = "pip install tensorrt (NVIDIA GPUs on Linux or Windows; the version must match the CUDA of the driver)"
@@ -211,9 +212,8 @@ class TensorRTBackend:
     def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
         eng = self.engines.get(graph)
         if eng is None:
-            raise ValueError(f"this engine has no {graph!r} graph (it has {', '.join(self.engines)})")
-        if set(inputs) != set(eng.inputs):
-            raise ValueError(f"{graph} takes inputs {eng.inputs}, got {sorted(inputs)}")
+            raise KeyError(f"no graph {graph!r} in this engine; it has {', '.join(self.engines)}")
+        check_inputs(graph, eng.inputs, inputs)
         tensors = {n: torch.as_tensor(x) for n, x in inputs.items()}
         on_device = all(x.is_cuda for x in tensors.values())
         shapes = {n: tuple(x.shape) for n, x in tensors.items()}

@@ -171,5 +171,15 @@ class LatentDiffusion(nn.Module):
         """eps from the network's output, for x0-parameterised models too (samplers run on eps)."""
         if self.parameterization == "eps":
             return model_output
-        a = self.alphas_cumprod.to(x.device, torch.float64)[t.long()].view(-1, *[1] * (x.dim() - 1))
-        return ((x.double() - a.sqrt() * model_output.double()) / (1 - a).sqrt()).to(x.dtype)
+        return eps_from_x0(torch.from_numpy(self.schedule_alphas_cumprod), x, t, model_output)
+
+
+def eps_from_x0(alphas_cumprod: torch.Tensor, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """eps = (x - sqrt(a_t) x0) / sqrt(1 - a_t), in float64 (sqrt(1 - a) is small near t = 0), with a_t
+    interpolated linearly for the fractional timesteps of Karras sigmas."""
+    ac = alphas_cumprod.to(x.device, torch.float64)
+    t = t.to(torch.float64).clamp(0, ac.shape[0] - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=ac.shape[0] - 1)
+    a = (ac[lo] + (t - lo) * (ac[hi] - ac[lo])).view(-1, *[1] * (x.dim() - 1))
+    return ((x.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()).to(x.dtype)

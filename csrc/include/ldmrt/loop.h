@@ -42,6 +42,13 @@ struct Workspace {
   std::vector<Real*> history;   // plan.history_slots buffers of count values
   std::vector<std::vector<Real>> owned;
   static Workspace allocate(const Plan& plan, std::size_t count, bool guided);
+
+  // The pointers above point into `owned`: a copy would alias the original's buffers. Move only.
+  Workspace() = default;
+  Workspace(Workspace&&) noexcept = default;
+  Workspace& operator=(Workspace&&) noexcept = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
 };
 
 // Runs the plan in place: `latent` holds x_T (count values) on entry and the sample on return.
