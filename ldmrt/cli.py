@@ -116,8 +116,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-    run_demo(args.output, steps=args.steps, seed=args.seed)
+    from .demo import PROMPT, run_demo
+    run_demo(args.output, prompt=args.prompt or PROMPT, steps=args.steps, seed=args.seed)
     return 0
 
 
@@ -184,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even when the prefix has an install")
     p.set_defaults(func=cmd_cpp_build)
 
-    p = sub.add_parser("demo", help="the README's main job: generate one image end to end")
+    p = sub.add_parser("demo", help="the README's main job: build the shipped model's engine, generate an image")
+    p.add_argument("prompt", nargs="?")
     p.add_argument("-o", "--output", default="out.png")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

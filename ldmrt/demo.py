@@ -1,66 +1,66 @@
-"""`ldmrt demo`: the README's main job, the best end-to-end path that exists.
+"""`ldmrt demo`: the README's main job, end to end.
 
-Today: the txt2img architecture at reduced width with random weights (no trained weights ship yet),
-eager PyTorch on the CPU, classifier-free guidance, the C++ DDIM loop, the decoder, a PNG. The
-image is noise-like by construction; the point is the whole path running.
+Builds the ONNX Runtime engine of the shipped model (the text-to-image LDM this project trains on
+captioned shapes, ldmrt/assets/shapes) into engines/shapes, generates an image for a prompt with the
+C++ sampler loop, and says where it went and how long each part took. Without the shipped weights
+(a checkout from before they landed) it says so and runs the txt2img architecture at reduced width
+with random weights through the same engine path: the image is then noise by construction.
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-PROMPT = "a red circle on a blue background"
+PROMPT = "a red circle on the left of a blue background"
 
 
-def _vocab_tokenizer(words: list[str], max_length: int):
-    """A WordPiece tokenizer over the demo prompt's words (random weights have no vocabulary of their own)."""
-    from .tokenizer import BertTokenizer
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "vocab.txt"
-        path.write_text("\n".join(vocab) + "\n")
-        return BertTokenizer.from_file(path, max_length=max_length)
-
-
-def save_png(image: torch.Tensor, path: Path):
-    """(3, H, W) in [-1, 1] -> PNG, written to a temporary name and renamed."""
-    from PIL import Image
-    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-def run_demo(output="out.png", steps: int = 20, seed: int = 0, guidance_scale: float = 5.0):
-    import ldmrt
-    from .sampling import randn, sample
-    from .testing import reduced_config
+def run_demo(output="out.png", *, prompt: str = PROMPT, engine_dir="engines/shapes", steps: int = 30,
+             seed: int = 0, backend: str = "onnxruntime"):
+    from .cli import write_png
+    from .config import shipped_checkpoint
+    from .engine import DEFAULT_MODEL, Engine, EngineError
 
     t0 = time.perf_counter()
-    cfg = reduced_config("txt2img")
-    model = ldmrt.load_model(cfg, random_weights=True, seed=seed)
-    max_len = cfg["params"]["cond_stage_config"]["params"].get("max_seq_len", 77)
-    model.cond_stage_model.tokenizer = _vocab_tokenizer(PROMPT.split(), max_len)
-    with torch.no_grad():
-        context = model.get_learned_conditioning([PROMPT])
-        uncond = model.get_learned_conditioning([""])
-        both = torch.cat([uncond, context])
-        x_T = torch.from_numpy(randn(seed, (1, 4, 32, 32)))
-
-        def eps_fn(x, t):
-            return model.apply_model(x, torch.full((x.shape[0],), t), both)
-
-        latent = sample(eps_fn, x_T, sampler="ddim", steps=steps, alphas_cumprod=model.schedule_alphas_cumprod,
-                        guidance_scale=guidance_scale, seed=seed)
-        image = model.decode_first_stage(latent)[0]
+    engine_dir = Path(engine_dir)
+    shipped = shipped_checkpoint(DEFAULT_MODEL) is not None
+    engine = None
+    if shipped and engine_dir.exists():
+        try:
+            engine = Engine.load(engine_dir)
+            how = f"loaded {engine_dir}"
+            if engine.manifest["model"].get("name") != DEFAULT_MODEL:
+                print(f"ldmrt demo: rebuilding {engine_dir} (it holds another model)")
+                engine = None
+        except EngineError as e:
+            print(f"ldmrt demo: rebuilding {engine_dir} ({e})")
+    if engine is None:
+        if shipped:
+            engine = Engine.build(DEFAULT_MODEL, engine_dir, backend=backend, progress=None)
+            how = f"built {engine_dir} from the shipped model '{DEFAULT_MODEL}'"
+        else:
+            engine_dir = engine_dir.with_name("demo-random-weights")
+            engine = _random_weight_engine(engine_dir, backend)
+            how = (f"built {engine_dir}: NO shipped weights in this checkout, so the txt2img architecture at "
+                   "reduced width with RANDOM weights (the image is noise)")
+    t1 = time.perf_counter()
+    image = engine.generate(prompt, steps=steps, seed=seed, progress=True)[0]
+    t2 = time.perf_counter()
     out = Path(output)
-    save_png(image, out)
-    print(f"ldmrt demo: wrote {out} ({image.shape[2]}x{image.shape[1]}) in {time.perf_counter() - t0:.1f} s\n"
-          f"  path: txt2img architecture at reduced width, RANDOM weights (no trained model ships yet),\n"
-          f"  eager PyTorch on CPU, prompt {PROMPT!r}, C++ DDIM loop, {steps} steps, guidance {guidance_scale},"
-          f" seed {seed}")
-    return np.asarray(image)
+    write_png(image, out, {"parameters": f'{{"prompt": "{prompt}", "steps": {steps}, "seed": {seed}}}'})
+    print(f"ldmrt demo: wrote {out.resolve()} ({image.width}x{image.height}), prompt {prompt!r}\n"
+          f"  engine: {how} ({engine.manifest['backend']}, {engine.manifest['precision']}) in {t1 - t0:.1f} s\n"
+          f"  generate: {steps} DDIM steps with guidance, C++ sampler loop, in {t2 - t1:.1f} s")
+    return out
+
+
+def _random_weight_engine(engine_dir: Path, backend: str):
+    import tempfile
+
+    from .engine import Engine
+    from .testing import reduced_config
+    words = sorted(set(PROMPT.split()))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+        cfg = reduced_config("txt2img")
+        cfg["params"]["image_size"] = 16
+        return Engine.build(cfg, engine_dir, backend=backend, random_weights=True, tokenizer=d, progress=None)
