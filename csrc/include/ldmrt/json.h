@@ -50,4 +50,7 @@ class Value {
 // The whole file as a string; throws std::runtime_error naming the path when it cannot be read.
 std::string read_file(const std::string& path);
 
+// Appends code point `cp` to `out` as UTF-8 (the tokenizers use it too).
+void append_utf8(std::string& out, char32_t cp);
+
 }  // namespace ldmrt::json
