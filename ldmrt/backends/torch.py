@@ -1,6 +1,9 @@
 """PyTorch backend: the graph modules run as they are, on CPU or CUDA, in any dtype.
 
-On a CPU it is the reference the compiled backends are tested against. On CUDA it is the fast PyTorch
+On a CPU, in fp32 it is the reference the compiled backends are tested against (computing exactly what eager
+PyTorch computes), and in bf16 a fast path: oneDNN on avx512_bf16 or AMX, with the convolution weights
+channels-last, so that oneDNN takes and gives NHWC activations instead of reordering them on every call
+(measured: benchmarks/README.md). On CUDA it is the fast PyTorch
 path: channels-last, the Triton kernels (through ldmrt.models.ops, chosen automatically for CUDA
 tensors), and the UNet step replayed from a CUDA graph captured once per shape (unverified on hardware:
 no GPU was available to this project's tests).
@@ -14,18 +17,23 @@ from ldmrt.export.graphs import cast_graph, graph_modules
 
 class TorchBackend:
     def __init__(self, model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, channels_last: bool | None = None):
         """model: a LatentDiffusion; it is moved to `device` and cast to `dtype` in place (VQ codebooks stay
         float32, as in the exported graphs: export.graphs.cast_graph). cuda_graphs: replay the UNet step
-        from a CUDA graph per input shape (CUDA devices only)."""
+        from a CUDA graph per input shape (CUDA devices only). channels_last: conv weights in channels-last
+        layout, in place; None: on CUDA, and on CPUs below fp32 (in fp32 it changes the convolution algorithms,
+        ~1e-6 off eager NCHW, and this backend is the fp32 reference)."""
         self.device = torch.device(device)
         self.dtype = dtype
+        if channels_last is None:
+            channels_last = self.device.type == "cuda" or dtype in (torch.bfloat16, torch.float16)
         cast_graph(model.to(self.device), dtype).eval()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # only 4-d tensors (the conv weights) change layout
         self._modules = graph_modules(model)
         self._graphed = {}
         if self.device.type == "cuda":
             from .cuda_graphs import CudaGraphRunner
-            model.to(memory_format=torch.channels_last)
             unet = self._modules["unet"]
             if hasattr(unet, "alphas_cumprod"):  # x0 models: no host-to-device copy inside the graph
                 unet.alphas_cumprod = unet.alphas_cumprod.to(self.device)

@@ -1,0 +1,73 @@
+"""The benchmark harness (benchmarks/) on the tiny architecture, one round: the JSON and markdown it writes,
+ratios against the baseline of the same run, and that ldmrt and the peers really run the same weights.
+
+Needs the peers diffusers and transformers (test extras); OpenVINO and torch.compile are not run here.
+"""
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from benchmarks.harness import COMPONENTS, parse_args, run  # noqa: E402
+
+VARIANTS = ["ldmrt-torch-fp32", "ldmrt-torch-bf16", "diffusers-fp32", "diffusers-bf16"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = parse_args(["--model", "tiny", "--sizes", "32", "48", "--repeats", "1", "--threads", "1",
+                       "--steps", "10", "--variants", *VARIANTS, "--baseline", "diffusers-bf16",
+                       "--work-dir", str(out), "--out", str(out)])
+    return run(args, log=lambda *a: None), out
+
+
+def test_json_structure(bench_run):
+    result, out = bench_run
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["baseline"] == "diffusers-bf16" and saved["command"].startswith("python")
+    assert {"cpu", "threads", "amx", "cpu_flags", "versions"} <= set(saved["machine"])
+    rows = saved["results"]
+    assert {(r["size"], r["component"], r["variant"]) for r in rows} == {
+        (s, c, v) for s in (32, 48) for c in COMPONENTS for v in VARIANTS}
+    for r in rows:
+        assert len(r["times_s"]) == 1 and r["median_s"] > 0 and r["gflop"] > 0
+        assert r["gflop_per_s"] == pytest.approx(r["gflop"] / r["median_s"])
+    assert (out / "bench.png").stat().st_size > 0
+
+
+def test_ratios_against_the_baseline_of_the_same_run(bench_run):
+    result, _ = bench_run
+    medians = {(r["size"], r["component"], r["variant"]): r["median_s"] for r in result["results"]}
+    for r in result["results"]:
+        base = medians[(r["size"], r["component"], "diffusers-bf16")]
+        assert r["ratio_vs_baseline"] == pytest.approx(r["median_s"] / base)
+    for e in result["e2e"]:
+        s, v = e["size"], e["variant"]
+        expected = medians[(s, "text_encoder", v)] + 10 * medians[(s, "unet", v)] + medians[(s, "decoder", v)]
+        assert e["seconds_per_image"] == pytest.approx(expected)
+        base = next(b for b in result["e2e"] if b["size"] == s and b["variant"] == "diffusers-bf16")
+        assert e["ratio_vs_baseline"] == pytest.approx(expected / base["seconds_per_image"])
+
+
+def test_same_weights_and_stated_accuracy(bench_run):
+    """ldmrt fp32 against diffusers fp32 on the same inputs: the same network (converter-mapped tensors);
+    bf16 against fp32 within what bf16 rounding gives (~1e-2)."""
+    result, _ = bench_run
+    for r in result["results"]:
+        if r["variant"] == "diffusers-fp32":
+            assert r["rel_l2_vs_fp32"] < 1e-5, r
+        if r["precision"] == "bf16":
+            assert 1e-4 < r["rel_l2_vs_fp32"] < 5e-2, r
+
+
+def test_markdown_table(bench_run):
+    _, out = bench_run
+    text = (out / "bench.md").read_text()
+    assert "Command: `python -m benchmarks --model tiny" in text and "AMX:" in text
+    assert "### 32x32" in text and "### 48x48" in text
+    table = [line for line in text.splitlines() if line.startswith("| ldmrt-torch-bf16 | bf16 | UNet step")]
+    assert len(table) == 2
+    assert "End to end (10 steps" in text
