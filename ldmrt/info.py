@@ -54,6 +54,10 @@ def backends() -> dict:
         out["tensorrt"] = {"available": cuda} if cuda else {"available": False, "why": "TensorRT needs a CUDA device"}
     except ImportError:
         out["tensorrt"] = {"available": False, "why": "tensorrt not installed (NVIDIA GPUs only)"}
+    import shutil
+    compiler = shutil.which("c++") or shutil.which("g++")
+    out["aoti"] = {"available": True} if compiler else {
+        "available": False, "why": "AOTInductor compiles C++: install a C++ compiler (g++)"}
     try:
         import triton  # noqa: F401
         out["triton"] = {"available": cuda} if cuda else {
