@@ -20,7 +20,7 @@ min..max is refused by the backend with the flags to rebuild with.
 
 Timing cache. Kernel timings are kept in the user's cache, not the engine folder: they depend only on the
 TensorRT version and the GPU, speed up every later build of any model there (the same layers recur), and are
-not needed to run an engine: $LDMRT_CACHE (default ~/.cache/ldmrt)/tensorrt/timing-<trt>-<gpu>-sm<cc>.cache.
+not needed to run an engine: <ldmrt.cache_root()>/tensorrt/timing-<trt>-<gpu>-sm<cc>.cache.
 A cache TensorRT refuses (another version or GPU) is replaced by a fresh one.
 
 Refit. With `refit`, engines are built refittable: `refit_engine(plan, onnx)` (or TensorRTBackend.refit)
@@ -40,6 +40,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ldmrt import cache_root
 
 BATCH_AXES = ("batch",)
 LATENT_AXES = ("height", "width")
@@ -166,7 +168,7 @@ def network_typing(onnx_precision: str, precision: str, builder_flags) -> tuple[
 
 
 def default_timing_cache(fp: dict) -> Path:
-    root = Path(os.environ.get("LDMRT_CACHE", Path.home() / ".cache" / "ldmrt"))
+    root = cache_root()
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", fp["name"]).strip("-").lower()
     return root / "tensorrt" / f"timing-{fp['tensorrt']}-{gpu}-sm{fp['capability'].replace('.', '')}.cache"
 
@@ -322,7 +324,8 @@ def _update_manifest_entry(file: Path) -> None:
     entry = manifest.get("files", {}).get(file.name)
     if entry is None:
         return
-    entry.update(bytes=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
+    with open(file, "rb") as f:  # streamed: plans are gigabytes
+        entry.update(bytes=file.stat().st_size, sha256=hashlib.file_digest(f, "sha256").hexdigest())
     _write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
 
 

@@ -8,7 +8,8 @@ The world of the shapes model (shared with the training data set, training/datas
 
 `parse_prompt` reads the attributes a prompt states (by keywords, not by matching training templates,
 so any wording works); `measure_image` finds the background and the coloured objects in an RGB image;
-`score` compares the two attribute by attribute. Attributes a prompt does not state are not scored.
+`score` compares the two attribute by attribute (attributes a prompt does not state are not scored) and
+`summarize` pools scores. `eager_generate` makes the images to score from a loaded model.
 """
 from __future__ import annotations
 
@@ -263,11 +264,12 @@ def summarize(scores: list[dict[str, bool]]) -> dict[str, float]:
 
 def eager_generate(model, prompts: list[str], *, sampler: str = "ddim", steps: int = 20,
                    guidance_scale: float | None = 5.0, seed: int = 0, batch_size: int = 32):
-    """Images for `prompts` from a text-conditioned LatentDiffusion run eagerly in its own dtype:
-    prompt i starts from `ldmrt.sampling.randn(seed + i, (1, C, h, w))` (as `Engine.generate(prompt,
-    seed=seed + i)`), sampled by the C++ loop with classifier-free guidance against the empty prompt
-    (stochastic samplers draw their noise per batch, so only deterministic ones match the engine). Returns (latents, images): float32 CPU tensors,
-    images (n, 3, H, W) in about [-1, 1]."""
+    """Images for `prompts` from a text-conditioned shapes LatentDiffusion, run eagerly in its own dtype.
+
+    Prompt i starts from `ldmrt.sampling.randn(seed + i, (1, C, h, w))`, as `Engine.generate(prompt,
+    seed=seed + i)` does, and is sampled by the C++ loop with classifier-free guidance against the empty
+    prompt (stochastic samplers draw their noise per batch, so only deterministic ones match the engine).
+    Returns (latents, images): float32 CPU tensors, images (n, 3, H, W) in about [-1, 1]."""
     import torch
 
     from . import sampling

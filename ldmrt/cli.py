@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
+from . import cache_root
 
 
 def cmd_info(args) -> int:
@@ -25,20 +25,6 @@ def cmd_build(args) -> int:
                  random_weights=args.random_weights, tensorrt=options_from_args(args),
                  onnx_fusions=args.onnx_fusions)
     return 0
-
-
-def cmd_cpp_build(args) -> int:
-    from .cpp import build
-    try:
-        print(build(args.prefix, jobs=args.jobs, force=args.force))
-    except RuntimeError as e:
-        print(f"ldmrt cpp-build: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LDMRT_CACHE", Path.home() / ".cache" / "ldmrt"))
 
 
 def engine_cache_dir(model: str, ckpt: str | None, backend: str) -> Path:
@@ -176,13 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=cmd_generate, argv=None)
-
-    p = sub.add_parser("cpp-build", help="build libldmrt, the C++ Engine, against this torch; prints the "
-                       "prefix for find_package(ldmrt) (examples/cpp/README.md)")
-    p.add_argument("--prefix", help="install prefix (default: ~/.cache/ldmrt/cpp/ldmrt-VERSION-torch-VERSION)")
-    p.add_argument("-j", "--jobs", type=int)
-    p.add_argument("--force", action="store_true", help="rebuild even when the prefix has an install")
-    p.set_defaults(func=cmd_cpp_build)
 
     p = sub.add_parser("demo", help="the README's main job: build the shipped model's engine, generate an image")
     p.add_argument("prompt", nargs="?")

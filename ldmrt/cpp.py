@@ -10,7 +10,7 @@ demand, with cmake and the C++ compiler, into a prefix keyed by the ldmrt and to
 
 The prefix holds include/ldmrt/*.h, lib/libldmrt.a, lib/libldmrt_core.a and lib/cmake/ldmrt/ (the
 find_package(ldmrt) config, which finds the same libtorch by itself). Default prefix:
-$LDMRT_CPP_PREFIX, else ~/.cache/ldmrt/cpp/ldmrt-<version>-torch-<version> ($XDG_CACHE_HOME honoured).
+$LDMRT_CPP_PREFIX, else <ldmrt.cache_root()>/cpp/ldmrt-<version>-torch-<version>.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cache_root
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -40,8 +40,7 @@ def default_prefix() -> Path:
         return Path(os.environ["LDMRT_CPP_PREFIX"])
     import torch
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "ldmrt" / "cpp" / f"ldmrt-{__version__}-torch-{torch.__version__}"
+    return cache_root() / "cpp" / f"ldmrt-{__version__}-torch-{torch.__version__}"
 
 
 def config_file(prefix: Path | None = None) -> Path:

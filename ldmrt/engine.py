@@ -47,11 +47,8 @@ class EngineError(ValueError):
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _device_record(backend_device: str) -> dict:
@@ -228,6 +225,7 @@ class Engine:
         manifest = read_manifest(path, verify=verify)
         rebuild = f"rebuild it: ldmrt build --model {manifest['model'].get('name') or 'MODEL'} -o {path}"
         backend_name = manifest["backend"]
+        tokenizer = None
         if backend_name == "torch":
             from .backends.torch import TorchBackend
             from .checkpoint import load_model
@@ -238,6 +236,7 @@ class Engine:
             if dtype == torch.bfloat16 and device.startswith("cuda"):
                 dtype = torch.float16  # "--fp16" engines: bf16 is the CPU's stand-in, GPUs run fp16
             backend = TorchBackend(ldm, device=device, dtype=dtype)
+            tokenizer = getattr(ldm.cond_stage_model, "tokenizer", None)  # loaded from path / "tokenizer"
         elif backend_name == "onnxruntime":
             try:
                 from .backends.onnxruntime import OnnxRuntimeBackend
@@ -254,8 +253,7 @@ class Engine:
             backend = TensorRTBackend.from_manifest(path, manifest)
         else:
             raise EngineError(f"{path}: backend {backend_name!r} is not supported by ldmrt {__version__}; {rebuild}")
-        tokenizer = None
-        if manifest.get("tokenizer"):
+        if manifest.get("tokenizer") and tokenizer is None:
             from .tokenizer import find_tokenizer
             tok = manifest["tokenizer"]
             tokenizer = find_tokenizer(path / "tokenizer", tok["kind"], tok["max_length"])

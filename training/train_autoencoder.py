@@ -9,7 +9,7 @@ ones of the background.
 The network is convolutional (its one attention layer is global at the lowest resolution): most
 steps train on random 32x32 crops, 4x cheaper, and the last --full-res-share on whole images.
 
-    python training/train_autoencoder.py --out /work/scratch/shapes --steps 3000
+    python training/train_autoencoder.py --out shapes-run
 """
 from __future__ import annotations
 
@@ -43,13 +43,12 @@ def crop_near(image: torch.Tensor, shape, size: int, rng) -> torch.Tensor:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for autoencoder.pt and the log")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=16, help="images (crops) per step")
     ap.add_argument("--crop", type=int, default=32)
     ap.add_argument("--full-res-share", type=float, default=0.2, help="share of final steps on whole images")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
-    ap.add_argument("--resume", action="store_true", help="start from --out/autoencoder.pt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -61,8 +60,6 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
 
     ae = instantiate_from_config(load_config(CONFIG)["params"]["first_stage_config"]).train()
-    if args.resume:
-        ae.load_state_dict(torch.load(args.out / "autoencoder.pt", weights_only=True))
     opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (

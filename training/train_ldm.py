@@ -12,13 +12,11 @@ time, training templates only). scale_factor = 1 / std of the latents, as CompVi
 Writes to --out: model.ckpt (EMA weights, fp16, CompVis layout), config.yaml (measured scale_factor),
 vocab.txt, train_state.pt (to --resume), and prints held-out adherence every --eval-every steps.
 
-    python training/train_ldm.py --autoencoder /work/scratch/shapes/autoencoder.pt \
-        --out /work/scratch/shapes --steps 3000
+    python training/train_ldm.py --autoencoder shapes-run/autoencoder.pt --out shapes-run
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import time
 from pathlib import Path
@@ -99,7 +97,7 @@ def main(argv=None):
     ap.add_argument("--autoencoder", type=Path, required=True, help="autoencoder.pt from train_autoencoder.py")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--config", type=Path, default=CONFIG, help="the model config (CompVis yaml)")
-    ap.add_argument("--steps", type=int, default=3000, help="total steps (a resumed run continues up to it)")
+    ap.add_argument("--steps", type=int, default=6000, help="total steps (a resumed run continues up to it)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema-decay", type=float, default=0.999)
@@ -108,10 +106,6 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-prompts", type=int, default=36)
     ap.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
-    ap.add_argument("--init", type=Path, help="start from the weights of a model.ckpt (fine-tuning)")
-    ap.add_argument("--t-power", type=float, default=1.0,
-                    help="timesteps t = T * u^(1/p), u uniform: 1 = uniform, 2 = density rising linearly to T "
-                         "(more of the high-noise steps where the layout is decided)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
@@ -131,7 +125,6 @@ def main(argv=None):
     model.first_stage_model.load_state_dict(torch.load(args.autoencoder, weights_only=True))
     model.first_stage_model.requires_grad_(False).eval()
     model.cond_stage_model.tokenizer = tokenizer
-
     t0 = time.time()
     cache = args.out / "latents.pt"  # the encoded scenes, reused while the autoencoder is unchanged
     key = (str(args.autoencoder.resolve()), args.autoencoder.stat().st_mtime, args.scenes, args.seed)
@@ -146,11 +139,6 @@ def main(argv=None):
     model.scale_factor = cfg["params"]["scale_factor"]
     print(f"encoded {len(scenes)} scenes in {time.time() - t0:.0f}s; scale_factor {scale_factor:.5f}", flush=True)
 
-    if args.init is not None:
-        sd = torch.load(args.init, weights_only=True)["state_dict"]
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-        if unexpected or any(not k.startswith(SCHEDULE_PREFIXES) for k in missing):
-            raise SystemExit(f"{args.init} does not fit {args.config}")
     trainable = {n: p for n, p in model.named_parameters() if not n.startswith("first_stage_model.")}
     opt = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=0.01)
     warmup = 200
@@ -177,11 +165,7 @@ def main(argv=None):
         idx = torch.from_numpy(rng.integers(0, len(scenes), args.batch))
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape)) * model.scale_factor
         captions = ["" if rng.random() < args.uncond_prob else dataset.caption(scenes[i], rng) for i in idx.tolist()]
-        if args.t_power == 1:
-            t = torch.randint(0, model.num_timesteps, (args.batch,))
-        else:
-            u = torch.rand(args.batch) ** (1 / args.t_power)
-            t = (u * model.num_timesteps).long().clamp(max=model.num_timesteps - 1)
+        t = torch.randint(0, model.num_timesteps, (args.batch,))
         noise = torch.randn_like(z0)
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -190,10 +174,10 @@ def main(argv=None):
         # The math attention kernel: on CPUs the flash kernel's backward pass is several times slower.
         with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16), sdpa_kernel(SDPBackend.MATH):
             context = model.get_learned_conditioning(tokenizer(captions))
-            eps = model.apply_model(x_t, t, context)  # (or x0)
+            prediction = model.apply_model(x_t, t, context)
         # The network predicts eps, or x0 for an x0-parameterised config (CompVis `parameterization`).
         target = z0 if model.parameterization == "x0" else noise
-        loss = torch.nn.functional.mse_loss(eps.float(), target)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)

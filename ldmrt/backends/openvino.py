@@ -31,19 +31,24 @@ class OpenVinoBackend:
         self.config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        self.models = {name: self.core.read_model(str(Path(path))) for name, path in graph_files.items()}
-        self.input_names = {name: [i.get_any_name() for i in m.inputs] for name, m in self.models.items()}
-        self.output_names = {name: [o.get_any_name() for o in m.outputs] for name, m in self.models.items()}
+        # Only the compiled models are kept: a read model holds the fp32 weights (3.4 GB for SD's UNet), so
+        # it is read again from its file when a new shape is compiled.
+        self.files = {name: str(Path(path)) for name, path in graph_files.items()}
+        self.input_names, self.output_names = {}, {}
+        for name, path in self.files.items():
+            model = self.core.read_model(path)
+            self.input_names[name] = [i.get_any_name() for i in model.inputs]
+            self.output_names[name] = [o.get_any_name() for o in model.outputs]
         self._compiled: dict[tuple, ov.InferRequest] = {}
         self.compiled_precision: str | None = None
 
     @property
     def graphs(self) -> tuple[str, ...]:
-        return tuple(self.models)
+        return tuple(self.files)
 
     def run(self, graph: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if graph not in self.models:
-            raise KeyError(f"no graph {graph!r} in this engine; it has {', '.join(self.models)}")
+        if graph not in self.files:
+            raise KeyError(f"no graph {graph!r} in this engine; it has {', '.join(self.files)}")
         names = self.input_names[graph]
         check_inputs(graph, names, inputs)
         feeds = [inputs[n].detach().cpu().numpy() for n in names]
@@ -53,10 +58,11 @@ class OpenVinoBackend:
                 for i, name in enumerate(self.output_names[graph])}
 
     def _request(self, graph: str, shapes: tuple) -> ov.InferRequest:
-        """The graph compiled for these input shapes (compiled on first use, then kept)."""
+        """The graph compiled for these input shapes (compiled on first use, then kept; a
+        sampling loop reuses one shape)."""
         key = (graph, shapes)
         if key not in self._compiled:
-            model = self.models[graph].clone()
+            model = self.core.read_model(self.files[graph])
             model.reshape({name: ov.PartialShape(list(shape)) for name, shape in zip(self.input_names[graph], shapes)})
             compiled = self.core.compile_model(model, "CPU", self.config)
             # what the plugin really runs: a CPU without bf16 instructions falls back to f32
