@@ -35,7 +35,7 @@ from . import __version__
 
 FORMAT = "ldmrt-engine"
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "torch", "tensorrt", "aoti")
+BACKENDS = ("onnxruntime", "torch", "tensorrt", "aoti", "openvino")
 DEFAULT_MODEL = "shapes"
 # Where classifier-free guidance has an unconditional input: text models ("" prompt) and class models
 # whose embedder has one more class than the data set (CompVis's cin256-v2 uses label 1000).
@@ -138,6 +138,13 @@ class Engine:
             except ImportError as e:
                 raise EngineError(f"the onnxruntime backend needs onnx and onnxruntime ({e}): "
                                   "pip install 'ldmrt[onnx]', or build with --backend torch") from None
+        if backend == "openvino":
+            try:
+                import onnx  # noqa: F401
+                import openvino  # noqa: F401
+            except ImportError as e:
+                raise EngineError(f"the openvino backend needs onnx and openvino ({e}): "
+                                  "pip install 'ldmrt[openvino]', or build with --backend torch") from None
         model = DEFAULT_MODEL if model is None and ckpt is None and config is None else model
         if ckpt is None and not random_weights and isinstance(model, str):
             ckpt = shipped_checkpoint(model)
@@ -209,6 +216,10 @@ class Engine:
                 "batch": [1, MAX_BATCH // 2], "size_multiple": summary["size_multiple"],
                 "max_size": MAX_LATENT * summary["latent_factor"]}
         from .export.onnx import export_onnx
+        if backend == "openvino":
+            # fp32 graphs: OpenVINO's CPU plugin lowers them to bf16 itself when asked (the fastest CPU path
+            # measured, benchmarks/README.md), keeping its own fp32 islands.
+            return "bf16" if fp16 else "fp32", export_onnx(ldm, out), "cpu", None
         graphs = export_onnx(ldm, out, fp16=fp16, fusions=onnx_fusions)
         precision = "fp16" if fp16 else "fp32"
         return precision, graphs, "cpu", None
@@ -219,8 +230,9 @@ class Engine:
              threads: int | None = None) -> "Engine":
         """Check the manifest and files (sha256 when `verify`), then load the backend.
 
-        device: for torch engines, "cpu" or "cuda[:i]" (default: CUDA when available). providers/threads:
-        ONNX Runtime execution providers (default: the best available) and intra-op threads."""
+        device: for torch engines, "cpu" or "cuda[:i]" (default: CUDA when available). providers: ONNX Runtime
+        execution providers (default: the best available). threads: ONNX Runtime's intra-op threads or
+        OpenVINO's inference threads (default: theirs)."""
         path = Path(path)
         manifest = read_manifest(path, verify=verify)
         rebuild = f"rebuild it: ldmrt build --model {manifest['model'].get('name') or 'MODEL'} -o {path}"
@@ -245,6 +257,14 @@ class Engine:
                                   "pip install 'ldmrt[onnx]'") from None
             files = {name: path / g["file"] for name, g in manifest["graphs"].items()}
             backend = OnnxRuntimeBackend(files, providers=providers, threads=threads)
+        elif backend_name == "openvino":
+            try:
+                from .backends.openvino import OpenVinoBackend
+            except ImportError as e:
+                raise EngineError(f"{path} is an OpenVINO engine and openvino is not installed ({e}): "
+                                  "pip install 'ldmrt[openvino]'") from None
+            files = {name: path / g["file"] for name, g in manifest["graphs"].items()}
+            backend = OpenVinoBackend(files, precision=manifest["precision"], threads=threads)
         elif backend_name == "aoti":
             from .backends.aoti import AotiBackend
             backend = AotiBackend(manifest["graphs"], path)

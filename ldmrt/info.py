@@ -50,6 +50,11 @@ def backends() -> dict:
     except ImportError:
         out["onnxruntime"] = {"available": False, "why": "onnxruntime not installed: pip install 'ldmrt[onnx]'"}
     try:
+        import openvino
+        out["openvino"] = {"available": True, "devices": openvino.Core().available_devices}
+    except ImportError:
+        out["openvino"] = {"available": False, "why": "openvino not installed: pip install 'ldmrt[openvino]'"}
+    try:
         import tensorrt  # noqa: F401
         out["tensorrt"] = {"available": cuda} if cuda else {"available": False, "why": "TensorRT needs a CUDA device"}
     except ImportError:

@@ -103,7 +103,7 @@ def test_aoti_engine_matches_eager(engine_dir):
     eager = Engine(engine.path, engine.manifest, TorchBackend(model), engine.tokenizer)
     kwargs = dict(steps=5, seed=2, output_type="latent")
     got, want = engine.generate("green square", **kwargs).double(), eager.generate("green square", **kwargs).double()
-    assert ((got - want).norm() / want.norm()).item() < 1e-5  # measured: see the note below
+    assert ((got - want).norm() / want.norm()).item() < 1e-4  # measured 1.9e-6 and 6.1e-6 (shapes model, 5 guided DDIM steps)
 
 
 @slow

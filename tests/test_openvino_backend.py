@@ -58,3 +58,25 @@ def test_one_compiled_model_per_shape(exported):
     assert len(backend._compiled) == 2
     with pytest.raises(TypeError, match="takes inputs latent"):
         backend.run("decoder", image=torch.zeros(1, 3, 8, 8))
+
+
+def test_engine_backend_on_the_shipped_model(tmp_path):
+    """`ldmrt build --backend openvino` on the shipped model: fp32 reproduces the golden latent of
+    tests/test_shapes_model.py; `--fp16` (bf16 on this CPU, f32 on CPUs without bf16) still follows its prompt."""
+    import numpy as np
+
+    from ldmrt import adherence
+    from ldmrt.config import ASSET_DIR
+    from ldmrt.engine import Engine
+    golden = np.load(ASSET_DIR / "shapes" / "golden.npz")
+    kw = dict(sampler=str(golden["sampler"]), steps=int(golden["steps"]), guidance_scale=float(golden["guidance"]),
+              seed=int(golden["seed"]))
+    fp32 = Engine.build("shapes", tmp_path / "fp32", backend="openvino", progress=None)
+    assert fp32.manifest["backend"] == "openvino" and fp32.manifest["precision"] == "fp32"
+    latent = fp32.generate(str(golden["prompt"]), output_type="latent", **kw)
+    assert rel_l2(latent, torch.from_numpy(golden["latent"])) < 1e-3
+    bf16 = Engine.build("shapes", tmp_path / "bf16", backend="openvino", fp16=True, progress=None)
+    assert bf16.manifest["precision"] == "bf16"
+    prompt = "a large red circle on a gray background"
+    image = bf16.generate(prompt, steps=20, seed=3, output_type="np")[0]
+    assert all(adherence.score(prompt, (image * 255).round().astype(np.uint8)).values())
