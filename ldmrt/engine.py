@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -131,20 +132,14 @@ class Engine:
         if backend == "tensorrt":  # say what this machine lacks before loading any weights
             from .export.tensorrt import check_build_environment
             check_build_environment()
-        if backend == "onnxruntime":
+        if backend in ("onnxruntime", "openvino"):  # they run the ONNX export
+            extra = "onnx" if backend == "onnxruntime" else "openvino"
             try:
-                import onnx  # noqa: F401
-                import onnxruntime  # noqa: F401
+                for module in ("onnx", backend):
+                    importlib.import_module(module)
             except ImportError as e:
-                raise EngineError(f"the onnxruntime backend needs onnx and onnxruntime ({e}): "
-                                  "pip install 'ldmrt[onnx]', or build with --backend torch") from None
-        if backend == "openvino":
-            try:
-                import onnx  # noqa: F401
-                import openvino  # noqa: F401
-            except ImportError as e:
-                raise EngineError(f"the openvino backend needs onnx and openvino ({e}): "
-                                  "pip install 'ldmrt[openvino]', or build with --backend torch") from None
+                raise EngineError(f"the {backend} backend needs onnx and {backend} ({e}): "
+                                  f"pip install 'ldmrt[{extra}]', or build with --backend torch") from None
         model = DEFAULT_MODEL if model is None and ckpt is None and config is None else model
         if ckpt is None and not random_weights and isinstance(model, str):
             ckpt = shipped_checkpoint(model)
@@ -249,22 +244,19 @@ class Engine:
                 dtype = torch.float16  # "--fp16" engines: bf16 is the CPU's stand-in, GPUs run fp16
             backend = TorchBackend(ldm, device=device, dtype=dtype)
             tokenizer = getattr(ldm.cond_stage_model, "tokenizer", None)  # loaded from path / "tokenizer"
-        elif backend_name == "onnxruntime":
-            try:
-                from .backends.onnxruntime import OnnxRuntimeBackend
-            except ImportError as e:
-                raise EngineError(f"{path} is an ONNX Runtime engine and onnxruntime is not installed ({e}): "
-                                  "pip install 'ldmrt[onnx]'") from None
+        elif backend_name in ("onnxruntime", "openvino"):  # runtimes of the exported ONNX graphs
             files = {name: path / g["file"] for name, g in manifest["graphs"].items()}
-            backend = OnnxRuntimeBackend(files, providers=providers, threads=threads)
-        elif backend_name == "openvino":
             try:
-                from .backends.openvino import OpenVinoBackend
+                if backend_name == "onnxruntime":
+                    from .backends.onnxruntime import OnnxRuntimeBackend
+                    backend = OnnxRuntimeBackend(files, providers=providers, threads=threads)
+                else:
+                    from .backends.openvino import OpenVinoBackend
+                    backend = OpenVinoBackend(files, precision=manifest["precision"], threads=threads)
             except ImportError as e:
-                raise EngineError(f"{path} is an OpenVINO engine and openvino is not installed ({e}): "
-                                  "pip install 'ldmrt[openvino]'") from None
-            files = {name: path / g["file"] for name, g in manifest["graphs"].items()}
-            backend = OpenVinoBackend(files, precision=manifest["precision"], threads=threads)
+                extra = "onnx" if backend_name == "onnxruntime" else "openvino"
+                raise EngineError(f"{path} is an {backend_name} engine and {backend_name} is not installed ({e}): "
+                                  f"pip install 'ldmrt[{extra}]'") from None
         elif backend_name == "aoti":
             from .backends.aoti import AotiBackend
             backend = AotiBackend(manifest["graphs"], path)
