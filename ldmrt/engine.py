@@ -37,6 +37,7 @@ from . import __version__
 FORMAT = "ldmrt-engine"
 FORMAT_VERSION = 1
 BACKENDS = ("onnxruntime", "torch", "tensorrt", "aoti", "openvino")
+ONNX_RUNTIMES = {"onnxruntime": "onnx", "openvino": "openvino"}  # backends that run the ONNX export: pip extra
 DEFAULT_MODEL = "shapes"
 # Where classifier-free guidance has an unconditional input: text models ("" prompt) and class models
 # whose embedder has one more class than the data set (CompVis's cin256-v2 uses label 1000).
@@ -132,8 +133,8 @@ class Engine:
         if backend == "tensorrt":  # say what this machine lacks before loading any weights
             from .export.tensorrt import check_build_environment
             check_build_environment()
-        if backend in ("onnxruntime", "openvino"):  # they run the ONNX export
-            extra = "onnx" if backend == "onnxruntime" else "openvino"
+        if backend in ONNX_RUNTIMES:
+            extra = ONNX_RUNTIMES[backend]
             try:
                 for module in ("onnx", backend):
                     importlib.import_module(module)
@@ -244,7 +245,7 @@ class Engine:
                 dtype = torch.float16  # "--fp16" engines: bf16 is the CPU's stand-in, GPUs run fp16
             backend = TorchBackend(ldm, device=device, dtype=dtype)
             tokenizer = getattr(ldm.cond_stage_model, "tokenizer", None)  # loaded from path / "tokenizer"
-        elif backend_name in ("onnxruntime", "openvino"):  # runtimes of the exported ONNX graphs
+        elif backend_name in ONNX_RUNTIMES:
             files = {name: path / g["file"] for name, g in manifest["graphs"].items()}
             try:
                 if backend_name == "onnxruntime":
@@ -254,9 +255,8 @@ class Engine:
                     from .backends.openvino import OpenVinoBackend
                     backend = OpenVinoBackend(files, precision=manifest["precision"], threads=threads)
             except ImportError as e:
-                extra = "onnx" if backend_name == "onnxruntime" else "openvino"
                 raise EngineError(f"{path} is an {backend_name} engine and {backend_name} is not installed ({e}): "
-                                  f"pip install 'ldmrt[{extra}]'") from None
+                                  f"pip install 'ldmrt[{ONNX_RUNTIMES[backend_name]}]'") from None
         elif backend_name == "aoti":
             from .backends.aoti import AotiBackend
             backend = AotiBackend(manifest["graphs"], path)
