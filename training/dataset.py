@@ -181,13 +181,29 @@ class _Phrases:
 def caption(scene: Scene, rng: np.random.Generator, templates=TRAIN_TEMPLATES, *, complete: bool = False) -> str:
     """A caption of `scene`. Unless `complete`, size (30%), position (10%) and background (15%) may be
     left unsaid; with two shapes the positions are always said (they tell the shapes apart)."""
+    return captioned(scene, rng, templates, complete=complete)[0]
+
+
+def captioned(scene: Scene, rng: np.random.Generator, templates=TRAIN_TEMPLATES, *, complete: bool = False):
+    """(caption, labels): `caption`'s text, and what it says as ATTRIBUTES indices (-1: not said). Shape
+    attributes are labelled for one-shape scenes only: a sentence-level label cannot say which of two
+    shapes it means."""
     two = len(scene.shapes) > 1
     with_size = complete or rng.random() > 0.3
     with_pos = complete or two or rng.random() > 0.1
     with_bg = complete or rng.random() > 0.15
     template = templates[rng.integers(len(templates))]
-    text = template(_Phrases(scene, rng, with_size, with_pos, with_bg))
-    return " ".join(text.split())
+    text = " ".join(template(_Phrases(scene, rng, with_size, with_pos, with_bg)).split())
+    shape = None if two else scene.shapes[0]
+    said = {"background": scene.background if with_bg else None,
+            "colour": shape and shape.colour, "kind": shape and shape.kind,
+            "size": shape and with_size and shape.size, "position": shape and with_pos and shape.position}
+    return text, {k: ATTRIBUTES[k].index(v) if v else -1 for k, v in said.items()}
+
+
+# The attributes a caption can state, and their values: the targets of the text encoder's pretraining.
+ATTRIBUTES = {"background": list(BACKGROUNDS), "colour": list(SHAPE_COLOURS), "kind": list(SHAPES),
+              "size": list(SIZES), "position": list(POSITIONS)}
 
 
 def caption_vocabulary() -> list[str]:

@@ -5,6 +5,14 @@ The paper's LDM objective: eps-prediction MSE at uniformly drawn timesteps of th
 x-transformers text encoder by cross-attention. 10% of captions are replaced by the empty caption,
 so the same network is the unconditional model of classifier-free guidance.
 
+The text encoder is first pretrained to read captions (--text-pretrain-steps): small heads on its
+mean-pooled output name the scene attributes the caption states, and the same loss stays on, weighted
+by --aux-weight, while the LDM trains. Stable Diffusion gets a text encoder that already reads (CLIP);
+ours would otherwise start from noise, and the diffusion loss alone then lets it collapse toward one
+output for every caption before the UNet learns to use it: the models trained that way ignored every
+position word (training/README.md). The heads are training-only: the shipped model is the plain
+CompVis LatentDiffusion.
+
 The autoencoder is frozen. A fixed set of scenes is encoded once (posterior mean and std); every
 step draws latents from those posteriors and writes each scene's caption anew (new wording each
 time, training templates only). scale_factor = 1 / std of the latents, as CompVis's scale_by_std.
@@ -47,6 +55,47 @@ def encode_scenes(model, n: int, rng, bf16: bool, batch: int = 250):
             stds.append(post.std.float())
             scenes += sc
     return torch.cat(means), torch.cat(stds), scenes
+
+
+class AttributeHeads(torch.nn.Module):
+    """One linear classifier per caption attribute (dataset.ATTRIBUTES) on the text encoder's output
+    averaged over tokens. The average is what a query attending evenly over the caption reads, so the
+    loss puts what the caption says into every token's output."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in dataset.ATTRIBUTES.items()})
+
+    def forward(self, context: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy over the labelled captions (label -1: not said)."""
+        pooled = context.float().mean(1)
+        losses = [torch.nn.functional.cross_entropy(head(pooled), labels[k], ignore_index=-1)
+                  for k, head in self.heads.items() if (labels[k] >= 0).any()]
+        return torch.stack(losses).sum() if losses else pooled.new_zeros(())
+
+
+def caption_batch(scenes, rng, uncond_prob: float):
+    """Captions (the empty one with probability uncond_prob) and their attribute labels."""
+    texts, labels = [], {k: [] for k in dataset.ATTRIBUTES}
+    for scene in scenes:
+        text, said = ("", dict.fromkeys(dataset.ATTRIBUTES, -1)) if rng.random() < uncond_prob \
+            else dataset.captioned(scene, rng)
+        texts.append(text)
+        for k in labels:
+            labels[k].append(said[k])
+    return texts, {k: torch.tensor(v) for k, v in labels.items()}
+
+
+def pretrain_text_encoder(model, heads, tokenizer, scenes, rng, steps: int, lr: float, batch: int = 64):
+    opt = torch.optim.Adam([*model.cond_stage_model.parameters(), *heads.parameters()], lr=lr)
+    for step in range(steps):
+        texts, labels = caption_batch([scenes[i] for i in rng.integers(0, len(scenes), batch)], rng, 0.0)
+        loss = heads(model.get_learned_conditioning(tokenizer(texts)), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            print(f"text encoder step {step + 1} attribute loss {loss.item():.4f}", flush=True)
 
 
 class Ema:
@@ -105,6 +154,9 @@ def main(argv=None):
     ap.add_argument("--scenes", type=int, default=8000, help="scenes encoded once and reused")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-prompts", type=int, default=36)
+    ap.add_argument("--text-pretrain-steps", type=int, default=400,
+                    help="steps of attribute pretraining of the text encoder before the LDM trains")
+    ap.add_argument("--aux-weight", type=float, default=0.1, help="weight of the attribute loss during LDM training")
     ap.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -139,14 +191,18 @@ def main(argv=None):
     model.scale_factor = cfg["params"]["scale_factor"]
     print(f"encoded {len(scenes)} scenes in {time.time() - t0:.0f}s; scale_factor {scale_factor:.5f}", flush=True)
 
+    heads = AttributeHeads(cond_params["n_embed"])
+    if not args.resume and args.text_pretrain_steps:
+        pretrain_text_encoder(model, heads, tokenizer, scenes, rng, args.text_pretrain_steps, args.lr)
     trainable = {n: p for n, p in model.named_parameters() if not n.startswith("first_stage_model.")}
-    opt = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([*trainable.values(), *heads.parameters()], lr=args.lr, weight_decay=0.01)
     warmup = 200
     ema = Ema(trainable, args.ema_decay)
     step = 0
     if args.resume:
         state = torch.load(args.out / "train_state.pt", weights_only=False)
         model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         ema.shadow, ema.updates, step = state["ema"], state["ema_updates"], state["step"]
         rng = state["rng"]
@@ -164,7 +220,7 @@ def main(argv=None):
     while step < args.steps:
         idx = torch.from_numpy(rng.integers(0, len(scenes), args.batch))
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape)) * model.scale_factor
-        captions = ["" if rng.random() < args.uncond_prob else dataset.caption(scenes[i], rng) for i in idx.tolist()]
+        captions, labels = caption_batch([scenes[i] for i in idx.tolist()], rng, args.uncond_prob)
         t = torch.randint(0, model.num_timesteps, (args.batch,))
         noise = torch.randn_like(z0)
         a = ac[t].view(-1, 1, 1, 1)
@@ -177,20 +233,21 @@ def main(argv=None):
             prediction = model.apply_model(x_t, t, context)
         # The network predicts eps, or x0 for an x0-parameterised config (CompVis `parameterization`).
         target = z0 if model.parameterization == "x0" else noise
-        loss = torch.nn.functional.mse_loss(prediction.float(), target)
+        mse = torch.nn.functional.mse_loss(prediction.float(), target)
+        loss = mse + args.aux_weight * heads(context, labels) if args.aux_weight else mse
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
         opt.step()
         ema.update(trainable)
         step += 1
-        losses.append(loss.item())
+        losses.append(mse.item())
         if step % 50 == 0:
             print(f"step {step} loss {np.mean(losses[-50:]):.4f} lr {lr_at(step):.2e} {time.time() - start:.0f}s",
                   flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             export(model, ema, cfg, args.out)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow,
+            torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow,
                         "ema_updates": ema.updates, "step": step, "rng": rng, "torch_rng": torch.get_rng_state()},
                        args.out / "train_state.pt")
             t_eval = time.time()
