@@ -178,6 +178,11 @@ class _Phrases:
         return sep.join(" ".join(x for x in (o, p) if x) for o, p in zip(self.objs, self.poss))
 
 
+# The attributes a caption can state, and their values: the targets of the text encoder's pretraining.
+ATTRIBUTES = {"background": list(BACKGROUNDS), "colour": list(SHAPE_COLOURS), "kind": list(SHAPES),
+              "size": list(SIZES), "position": list(POSITIONS)}
+
+
 def caption(scene: Scene, rng: np.random.Generator, templates=TRAIN_TEMPLATES, *, complete: bool = False) -> str:
     """A caption of `scene`. Unless `complete`, size (30%), position (10%) and background (15%) may be
     left unsaid; with two shapes the positions are always said (they tell the shapes apart)."""
@@ -199,11 +204,6 @@ def captioned(scene: Scene, rng: np.random.Generator, templates=TRAIN_TEMPLATES,
             "colour": shape and shape.colour, "kind": shape and shape.kind,
             "size": shape and with_size and shape.size, "position": shape and with_pos and shape.position}
     return text, {k: ATTRIBUTES[k].index(v) if v else -1 for k, v in said.items()}
-
-
-# The attributes a caption can state, and their values: the targets of the text encoder's pretraining.
-ATTRIBUTES = {"background": list(BACKGROUNDS), "colour": list(SHAPE_COLOURS), "kind": list(SHAPES),
-              "size": list(SIZES), "position": list(POSITIONS)}
 
 
 def caption_vocabulary() -> list[str]:
