@@ -201,6 +201,9 @@ def main(argv=None):
     step = 0
     if args.resume:
         state = torch.load(args.out / "train_state.pt", weights_only=False)
+        if "heads" not in state:
+            raise SystemExit(f"{args.out / 'train_state.pt'} was written before train_ldm.py pretrained the text "
+                             "encoder (no attribute heads): it cannot be resumed; train anew into another --out")
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
