@@ -87,28 +87,41 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and k.shape[:3] == v.shape[:3] and q.shape[:2] == k.shape[:2] and q.numel() > 0 and k.numel() > 0)
 
 
+# Tiles (BLOCK_M queries, BLOCK_N keys, warps) per padded head width: of the sizes tried, the largest
+# that Triton compiles for sm_80 and sm_90 without register spills and within 99 KB of shared memory (the
+# per-block limit of sm_86/sm_89, the smallest from Ampere on): `python -m ldmrt.kernels.resources`
+# reports that, and tests/test_kernels_compile.py checks it. fp32 takes twice the registers per element,
+# hence smaller tiles. Their speed is not measured yet (no GPU so far): benchmarks/gpu/bench_gpu.py times
+# the kernel against SDPA.
+TILES = {  # padded head width (16 and 32 take 64's): (BLOCK_M, BLOCK_N, num_warps)
+    "16-bit": {64: (128, 64, 8), 128: (128, 32, 8), 256: (64, 32, 8)},
+    "fp32": {64: (64, 32, 8), 128: (64, 16, 8), 256: (32, 16, 8)},
+}
+
+
+def launch_meta(dtype: torch.dtype, head_dim: int, causal: bool) -> dict:
+    """The kernel's compile-time parameters and launch options for one input dtype and head size."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # The CPU interpreter computes tl.dot on bf16 operands wrongly: there (only) bf16 tiles are upcast to
+    # fp32 before the dots. On a GPU bf16 runs on the tensor cores like fp16.
+    upcast = dtype == torch.bfloat16 and INTERPRETED
+    block_m, block_n, num_warps = TILES["fp32" if dtype == torch.float32 else "16-bit"][max(64, block_d)]
+    # fp32 dots in true fp32 (torch's default; TF32 would cost ~3 decimal digits); fp16/bf16: the default.
+    precision = "ieee" if dtype == torch.float32 or upcast else None
+    return dict(CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d, num_warps=num_warps, num_stages=2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, Nq, d), k and v (B, H, Nk, d), any strides; causal masks key
     j > query i. fp16/bf16/fp32; the output is contiguous, in q's dtype."""
     assert supports(q, k, v), "unsupported attention inputs: check with supports() first"
     batch, heads, seq_q, head_dim = q.shape
-    seq_k = k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    # Tiles sized so q, acc and one k/v block stay on chip for the widest padded heads (256).
-    block_m = 128 if block_d <= 128 else 64
-    block_n = 64 if block_d <= 128 else 32
-    num_warps = 4 if block_d <= 64 else 8
-    # The CPU interpreter computes tl.dot on bf16 operands wrongly: there (only) bf16 tiles are upcast to
-    # fp32 before the dots. On a GPU bf16 runs on the tensor cores like fp16.
-    upcast = q.dtype == torch.bfloat16 and INTERPRETED
-    # fp32 dots in true fp32 (torch's default; TF32 would cost ~3 decimal digits); fp16/bf16: the default.
-    precision = "ieee" if q.dtype == torch.float32 or upcast else None
-    grid = (triton.cdiv(seq_q, block_m), batch * heads)
+    meta = launch_meta(q.dtype, head_dim, causal)
+    grid = (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
     _attention_fwd[grid](
         q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, seq_q, seq_k, head_dim, head_dim ** -0.5 * 1.4426950408889634,
-        CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=2,
+        heads, seq_q, k.shape[2], head_dim, head_dim ** -0.5 * 1.4426950408889634, **meta,
     )
     return out

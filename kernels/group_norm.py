@@ -60,10 +60,24 @@ def _group_norm_fwd(
         tl.store(Y + pos[:, None] * stride_ys + chans[None, :] * stride_yc, y.to(Y.dtype.element_ty), mask=mask)
 
 
+# Wider groups do not fit one tile in registers: 4096 channels per group spill on sm_80
+# (`python -m ldmrt.kernels.resources`). SD's widest is 60 (1920 channels, 32 groups).
+MAX_GROUP_CHANNELS = 2048
+
+
 def supports(x: torch.Tensor, num_groups: int) -> bool:
     """Whether `group_norm` handles this input (otherwise use the torch reference)."""
     return (x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.dim() >= 2
-            and x.shape[1] % num_groups == 0 and x.numel() > 0)
+            and x.shape[1] % num_groups == 0 and x.shape[1] // num_groups <= MAX_GROUP_CHANNELS
+            and x.numel() > 0)
+
+
+def launch_meta(group_channels: int, spatial: int, silu: bool) -> dict:
+    """The kernel's compile-time parameters and launch options for one group width and spatial extent."""
+    block_c = triton.next_power_of_2(group_channels)
+    # Tiles of up to 4K elements (16 per thread at 8 warps), no longer than the spatial extent.
+    block_s = min(max(1, 4096 // block_c), triton.next_power_of_2(spatial))
+    return dict(SILU=silu, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=8)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -81,12 +95,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     x3 = x.reshape(n, c, -1)
     y3 = torch.empty_like(x3)
     group_channels = c // num_groups
-    block_c = triton.next_power_of_2(group_channels)
-    # Tiles of up to 4K elements (16 per thread at 8 warps), no longer than the spatial extent.
-    block_s = min(max(1, 4096 // block_c), triton.next_power_of_2(x3.shape[2]))
     _group_norm_fwd[(n * num_groups,)](
-        x3, y3, weight, bias, *x3.stride(), *y3.stride(),
-        num_groups, group_channels, x3.shape[2], eps,
-        SILU=silu, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=8,
+        x3, y3, weight, bias, *x3.stride(), *y3.stride(), num_groups, group_channels, x3.shape[2], eps,
+        **launch_meta(group_channels, x3.shape[2], silu),
     )
     return y3.view(x.shape)

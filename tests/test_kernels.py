@@ -174,13 +174,17 @@ def test_dispatch(choice, monkeypatch):
 
 
 def test_unsupported_inputs_fall_back_to_reference(monkeypatch):
-    """float64 (the models' comparison precision) and heads over 256 wide take torch even when forced."""
+    """float64 (the models' comparison precision), heads over 256 wide and groups over 2048 channels wide
+    take torch even when forced."""
     monkeypatch.setenv(ops.KERNELS_ENV, "triton")
     q = randn(1, 1, 5, 8).double()
     assert torch.equal(ops.attention(q, q, q), ops.attention_reference(q, q, q))
     wide = randn(1, 1, 3, 512)
     assert torch.equal(ops.attention(wide, wide, wide), ops.attention_reference(wide, wide, wide))
     x, norm = randn(1, 8, 3, 3).double(), torch.nn.GroupNorm(4, 8).to(DEVICE).double()
+    assert torch.equal(ops.group_norm(x, norm), ops.group_norm_reference(x, norm))
+    wide_groups = group_norm_kernel.MAX_GROUP_CHANNELS * 2
+    x, norm = randn(1, wide_groups, 1, 1), torch.nn.GroupNorm(1, wide_groups).to(DEVICE)
     assert torch.equal(ops.group_norm(x, norm), ops.group_norm_reference(x, norm))
 
 

@@ -1,0 +1,181 @@
+"""Registers, shared memory and spills of each kernel launch at SD's shapes, compiled for a GPU architecture
+ahead of time: no GPU needed.
+
+    python -m ldmrt.kernels.resources [--arch 80 90] [--json out.json]
+
+The launchers are called on meta tensors with their kernels swapped for a recorder (nothing runs), so each
+launch is exactly what they would make. Triton then compiles it for sm_<arch> (its wheel carries ptxas)
+with the argument specialisation it applies at a real launch (ints equal to 1 become constants; pointers
+and ints divisible by 16 carry that hint), and the cubin's resource use is read with the cuobjdump
+Triton also carries. What this catches that the CPU interpreter cannot: launch configs that do not
+compile, register spills (a stack frame: these kernels make no calls, so a frame is spilled registers),
+and shared memory over a GPU's per-block limit (`SHARED_LIMIT`).
+
+Triton's compiler is not usable in a process running its interpreter (TRITON_INTERPRET=1): run this in
+one without (tests/test_kernels_compile.py starts it so).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import attention, group_norm
+
+ARCHS = (80, 90)  # A100; H100/H200
+SHARED_LIMIT = 99 * 1024  # per block on sm_86/sm_89, the smallest limit from Ampere on (sm_80 163 KB, sm_90 227 KB)
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+OPTIONS = ("num_warps", "num_stages")
+
+ATTENTION_CASES = {  # name: (q shape, key length, causal); every padded head width attention.TILES holds
+    "sd 64x64 self d40": ((2, 8, 4096, 40), 4096, False),
+    "sd cross d80": ((2, 8, 1024, 80), 77, False),
+    "sd 16x16 self d160": ((2, 8, 256, 160), 256, False),
+    "clip causal d64": ((2, 12, 77, 64), 77, True),
+    "causal d160": ((1, 2, 130, 160), 130, True),
+    "small heads d24": ((1, 2, 130, 24), 77, False),
+    "widest d256": ((1, 2, 130, 256), 77, False),
+}
+GROUP_NORM_CASES = {  # name: (shape, groups, channels-last)
+    "unet 320@64x64": ((2, 320, 64, 64), 32, False),
+    "unet 1280@8x8 channels-last": ((2, 1280, 8, 8), 32, True),
+    "vae 128@512x512": ((1, 128, 512, 512), 32, False),
+    "vae 512@64x64 channels-last": ((1, 512, 64, 64), 32, True),
+    "widest group": ((1, group_norm.MAX_GROUP_CHANNELS, 4, 4), 1, False),
+}
+
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **meta)` records (args, meta)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((args, meta))
+
+
+def record_launch(module, kernel_name: str, call) -> tuple[tuple, dict]:
+    """The one launch that call() makes of module.<kernel_name>, recorded instead of run."""
+    kernel, recorder = getattr(module, kernel_name), _LaunchRecorder()
+    setattr(module, kernel_name, recorder)
+    try:
+        call()
+    finally:
+        setattr(module, kernel_name, kernel)
+    (launch,) = recorder.launches
+    return launch
+
+
+def compile_launch(kernel: triton.JITFunction, args: tuple, meta: dict, arch: int):
+    """Compiles kernel as Triton would for this launch on an sm_<arch> GPU."""
+    names = [n for n in kernel.arg_names if n not in meta]
+    signature, constants, attrs = {}, {}, {}
+    for index, (name, value) in enumerate(zip(names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + DTYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch's allocations are aligned far past 16 bytes
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if value == 1:
+                signature[name], constants[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{name}: no rule to specialise launch argument {value!r}")
+    for name, value in meta.items():
+        if name not in OPTIONS:
+            signature[name], constants[name] = "constexpr", value
+    options = {k: v for k, v in meta.items() if k in OPTIONS}
+    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                          options=options)
+
+
+def _cuobjdump() -> Path:
+    import triton.backends.nvidia as nvidia
+    return Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+
+
+def resource_usage(compiled) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        report = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", str(cubin)], capture_output=True,
+                                text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", report)
+    if not found:
+        raise RuntimeError(f"no resource usage in cuobjdump's report:\n{report}")
+    regs, stack, static_shared, local = map(int, found.groups())
+    return dict(regs=regs, spill_bytes=stack + local, shared_bytes=static_shared + compiled.metadata.shared)
+
+
+def _meta_tensor(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def launches():
+    """(kernel name, case, dtype name, kernel, args, meta) for every case and dtype."""
+    for case, (shape, seq_k, causal) in ATTENTION_CASES.items():
+        for dtype, dtype_name in DTYPES.items():
+            q = _meta_tensor(shape, dtype)
+            k, v = (_meta_tensor(shape[:2] + (seq_k, shape[3]), dtype) for _ in range(2))
+            launch = record_launch(attention, "_attention_fwd", lambda: attention.attention(q, k, v, causal=causal))
+            yield ("attention", case, dtype_name, attention._attention_fwd, *launch)
+    for case, (shape, groups, channels_last) in GROUP_NORM_CASES.items():
+        for dtype, dtype_name in DTYPES.items():
+            x = _meta_tensor(shape, dtype)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            weight, bias = _meta_tensor(shape[1:2], dtype), _meta_tensor(shape[1:2], dtype)  # cast with the model
+            launch = record_launch(group_norm, "_group_norm_fwd",
+                                   lambda: group_norm.group_norm(x, groups, weight, bias, 1e-6, silu=True))
+            yield ("group_norm+silu", case, dtype_name, group_norm._group_norm_fwd, *launch)
+
+
+def report(archs=ARCHS) -> list[dict]:
+    if not isinstance(attention._attention_fwd, triton.JITFunction):
+        raise RuntimeError("Triton's interpreter is on (TRITON_INTERPRET=1): compile in a process without it")
+    rows = []
+    for kernel_name, case, dtype, kernel, args, meta in launches():
+        for arch in archs:
+            usage = resource_usage(compile_launch(kernel, args, meta, arch))
+            rows.append(dict(kernel=kernel_name, case=case, dtype=dtype, arch=arch, **usage,
+                             ok=usage["spill_bytes"] == 0 and usage["shared_bytes"] <= SHARED_LIMIT,
+                             meta={k: v for k, v in meta.items() if k.isupper() or k in OPTIONS}))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities, e.g. 80 90")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: Triton's compiler does not work beside its interpreter")
+    rows = report(args.arch)
+    print(f"{'kernel':16s} {'case':28s} {'dtype':5s} {'arch':>5s} {'regs':>5s} {'spill B':>8s} {'shared B':>9s}  tiles")
+    for r in rows:
+        tiles = " ".join(f"{k}={v}" for k, v in r["meta"].items() if k.startswith("BLOCK") or k in OPTIONS)
+        print(f"{r['kernel']:16s} {r['case']:28s} {r['dtype']:5s} {'sm_' + str(r['arch']):>5s} {r['regs']:5d} "
+              f"{r['spill_bytes']:8d} {r['shared_bytes']:9d}  {tiles}{'' if r['ok'] else '  <-- NOT OK'}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    bad = [r for r in rows if not r["ok"]]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} launches compile without spills within {SHARED_LIMIT} bytes of "
+          "shared memory")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
