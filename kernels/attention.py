@@ -93,9 +93,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 # reports that, and tests/test_kernels_compile.py checks it. fp32 takes twice the registers per element,
 # hence smaller tiles. Their speed is not measured yet (no GPU so far): benchmarks/gpu/bench_gpu.py times
 # the kernel against SDPA.
-TILES = {  # padded head width (16 and 32 take 64's): (BLOCK_M, BLOCK_N, num_warps)
-    "16-bit": {64: (128, 64, 8), 128: (128, 32, 8), 256: (64, 32, 8)},
-    "fp32": {64: (64, 32, 8), 128: (64, 16, 8), 256: (32, 16, 8)},
+TILES = {  # padded head width (16 and 32 take 64's): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    "16-bit": {64: (128, 64, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
+    "fp32": {64: (64, 32, 8, 2), 128: (64, 16, 8, 2), 256: (32, 16, 8, 2)},
 }
 
 
@@ -105,11 +105,11 @@ def launch_meta(dtype: torch.dtype, head_dim: int, causal: bool) -> dict:
     # The CPU interpreter computes tl.dot on bf16 operands wrongly: there (only) bf16 tiles are upcast to
     # fp32 before the dots. On a GPU bf16 runs on the tensor cores like fp16.
     upcast = dtype == torch.bfloat16 and INTERPRETED
-    block_m, block_n, num_warps = TILES["fp32" if dtype == torch.float32 else "16-bit"][max(64, block_d)]
+    block_m, block_n, num_warps, num_stages = TILES["fp32" if dtype == torch.float32 else "16-bit"][max(64, block_d)]
     # fp32 dots in true fp32 (torch's default; TF32 would cost ~3 decimal digits); fp16/bf16: the default.
     precision = "ieee" if dtype == torch.float32 or upcast else None
     return dict(CAUSAL=causal, UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=block_d, num_warps=num_warps, num_stages=2)
+                BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:

@@ -34,6 +34,7 @@ ARCHS = (80, 90)  # A100; H100/H200
 SHARED_LIMIT = 99 * 1024  # per block on sm_86/sm_89, the smallest limit from Ampere on (sm_80 163 KB, sm_90 227 KB)
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 OPTIONS = ("num_warps", "num_stages")
+H100_MULTIPROCESSORS = 132
 
 ATTENTION_CASES = {  # name: (q shape, key length, causal); every padded head width attention.TILES holds
     "sd 64x64 self d40": ((2, 8, 4096, 40), 4096, False),
@@ -54,25 +55,26 @@ GROUP_NORM_CASES = {  # name: (shape, groups, channels-last)
 
 
 class _LaunchRecorder:
-    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **meta)` records (args, meta)."""
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **meta)` records (kernel, args, meta)."""
 
-    def __init__(self):
-        self.launches = []
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
 
     def __getitem__(self, grid):
-        return lambda *args, **meta: self.launches.append((args, meta))
+        return lambda *args, **meta: self.launches.append((self.kernel, args, meta))
 
 
-def record_launch(module, kernel_name: str, call) -> tuple[tuple, dict]:
-    """The one launch that call() makes of module.<kernel_name>, recorded instead of run."""
-    kernel, recorder = getattr(module, kernel_name), _LaunchRecorder()
-    setattr(module, kernel_name, recorder)
+def record_launches(module, kernel_names: tuple[str, ...], call) -> list[tuple]:
+    """(kernel, args, meta) of each launch that call() makes of module's kernels, recorded instead of run."""
+    kernels, launches = {name: getattr(module, name) for name in kernel_names}, []
+    for name, kernel in kernels.items():
+        setattr(module, name, _LaunchRecorder(kernel, launches))
     try:
         call()
     finally:
-        setattr(module, kernel_name, kernel)
-    (launch,) = recorder.launches
-    return launch
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+    return launches
 
 
 def compile_launch(kernel: triton.JITFunction, args: tuple, meta: dict, arch: int):
@@ -125,22 +127,25 @@ def _meta_tensor(shape, dtype):
 
 
 def launches():
-    """(kernel name, case, dtype name, kernel, args, meta) for every case and dtype."""
+    """(kernel name, case, dtype name, kernel, args, meta) for every case, dtype and kernel launched."""
     for case, (shape, seq_k, causal) in ATTENTION_CASES.items():
         for dtype, dtype_name in DTYPES.items():
             q = _meta_tensor(shape, dtype)
             k, v = (_meta_tensor(shape[:2] + (seq_k, shape[3]), dtype) for _ in range(2))
-            launch = record_launch(attention, "_attention_fwd", lambda: attention.attention(q, k, v, causal=causal))
-            yield ("attention", case, dtype_name, attention._attention_fwd, *launch)
+            for launch in record_launches(attention, ("_attention_fwd",),
+                                          lambda: attention.attention(q, k, v, causal=causal)):
+                yield ("attention", case, dtype_name, *launch)
     for case, (shape, groups, channels_last) in GROUP_NORM_CASES.items():
         for dtype, dtype_name in DTYPES.items():
             x = _meta_tensor(shape, dtype)
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
             weight, bias = _meta_tensor(shape[1:2], dtype), _meta_tensor(shape[1:2], dtype)  # cast with the model
-            launch = record_launch(group_norm, "_group_norm_fwd",
-                                   lambda: group_norm.group_norm(x, groups, weight, bias, 1e-6, silu=True))
-            yield ("group_norm+silu", case, dtype_name, group_norm._group_norm_fwd, *launch)
+            chunks = triton.cdiv(2 * H100_MULTIPROCESSORS, shape[0] * groups)  # group_norm.default_chunks there
+            for launch in record_launches(group_norm, ("_group_stats", "_group_norm_apply"),
+                                          lambda: group_norm.group_norm(x, groups, weight, bias, 1e-6, silu=True,
+                                                                        chunks=chunks)):
+                yield (launch[0].__name__.strip("_"), case, dtype_name, *launch)
 
 
 def report(archs=ARCHS) -> list[dict]:
@@ -164,10 +169,10 @@ def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: Triton's compiler does not work beside its interpreter")
     rows = report(args.arch)
-    print(f"{'kernel':16s} {'case':28s} {'dtype':5s} {'arch':>5s} {'regs':>5s} {'spill B':>8s} {'shared B':>9s}  tiles")
+    print(f"{'kernel':17s} {'case':28s} {'dtype':5s} {'arch':>5s} {'regs':>5s} {'spill B':>8s} {'shared B':>9s}  tiles")
     for r in rows:
         tiles = " ".join(f"{k}={v}" for k, v in r["meta"].items() if k.startswith("BLOCK") or k in OPTIONS)
-        print(f"{r['kernel']:16s} {r['case']:28s} {r['dtype']:5s} {'sm_' + str(r['arch']):>5s} {r['regs']:5d} "
+        print(f"{r['kernel']:17s} {r['case']:28s} {r['dtype']:5s} {'sm_' + str(r['arch']):>5s} {r['regs']:5d} "
               f"{r['spill_bytes']:8d} {r['shared_bytes']:9d}  {tiles}{'' if r['ok'] else '  <-- NOT OK'}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

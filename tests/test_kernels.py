@@ -141,10 +141,40 @@ def test_group_norm_matches_reference(case, dtype, channels_last, silu):
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
-def test_group_norm_statistics_large_mean():
-    """|mean| / std = 1e5 in fp32: naive E[x^2] - E[x]^2 in fp32 would lose every digit of the variance."""
-    x = 1000 + 0.01 * randn(2, 8, 16, 16, seed=23)
-    out = group_norm_kernel.group_norm(x, 2, None, None, 1e-12)
+class GridSpy:
+    """Wraps a kernel to record the grids it is launched on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_chunked(dtype, channels_last, monkeypatch):
+    """Several programs per group (as on a GPU, where chunks fill the multiprocessors): 713 positions in
+    tiles of 128 make 3 chunks of 256 (the last ragged), whose partial sums the apply kernel adds."""
+    spy = GridSpy(group_norm_kernel._group_stats)
+    monkeypatch.setattr(group_norm_kernel, "_group_stats", spy)
+    x = (randn(2, 64, 23, 31, seed=24) * 3 + 5).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias = randn(64, seed=25), randn(64, seed=26)
+    out = group_norm_kernel.group_norm(x, 2, weight, bias, 1e-6, silu=True, chunks=5)
+    ref = F.silu(F.group_norm(x.double(), 2, weight.double(), bias.double(), 1e-6))
+    assert spy.grids == [(2 * 2, 3)]
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_group_norm_statistics_large_mean(chunks):
+    """|mean| / std = 1e5 in fp32: naive E[x^2] - E[x]^2 in fp32 would lose every digit of the variance
+    (and so would chunks that each shifted by their own first element before their sums are added)."""
+    x = 1000 + 0.01 * randn(2, 8, 64, 64, seed=23)
+    out = group_norm_kernel.group_norm(x, 2, None, None, 1e-12, chunks=chunks)
     ref = F.group_norm(x.double(), 2, eps=1e-12)
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
 

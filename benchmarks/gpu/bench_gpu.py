@@ -9,12 +9,15 @@
            dims 40, 80, 160 self and cross with 77 keys, CLIP's causal 77 tokens) and GroupNorm(+SiLU) at the
            UNet's and VAE's shapes, NCHW and channels-last.
 3. kernels fp16 timings (triton.testing.do_bench, median): the attention kernel against
-           F.scaled_dot_product_attention, the GroupNorm+SiLU kernel against F.group_norm then F.silu.
+           F.scaled_dot_product_attention, the GroupNorm+SiLU kernel (chunked as it runs, and with one
+           program per group) against F.group_norm then F.silu.
 4. unet    the SD-v1 UNet step (512x512 -> 64x64 latent, batch 2 as classifier-free guidance runs it, fp16,
            random weights), as a backend runs it (float32 CPU inputs in, float32 CPU eps out): torch eager
            with SDPA; ldmrt's CUDA configuration (channels-last, Triton kernels) eager and replayed from a
            CUDA graph (ldmrt.backends.cuda_graphs); torch ops replayed from a graph, to separate the effects.
 5. sampler 20 DDIM steps driven by the C++ sampler plan (ldmrt.sampling) with the graphed step.
+6. tiles   fp16 attention at the shapes of 3. with other tile configs in place of the defaults in
+           attention.TILES, to tune that table (its entries were chosen without a GPU: ldmrt.kernels.resources).
 
 Prints a table and writes JSON. Sections stop starting new work past --budget-s (default 420 s, so the
 whole run stays under 8 minutes). --cpu-check runs 2 and 4 (eager variants) and 5 on tiny shapes under
@@ -190,16 +193,57 @@ def time_kernels(budget) -> list[dict]:
             w = torch.ones(shape[1], device="cuda", dtype=torch.float16)
             b = torch.zeros_like(w)
             layout = "channels-last" if channels_last else "NCHW"
-            rows.append(_timing_row("group_norm+silu fp16", f"{name} {layout}",
-                                    ms(lambda: group_norm_kernel.group_norm(x, groups, w, b, 1e-5, silu=True)),
-                                    ms(lambda: F.silu(F.group_norm(x, groups, w, b, 1e-5))),
-                                    "F.group_norm + F.silu"))
+            row = _timing_row("group_norm+silu fp16", f"{name} {layout}",
+                              ms(lambda: group_norm_kernel.group_norm(x, groups, w, b, 1e-5, silu=True)),
+                              ms(lambda: F.silu(F.group_norm(x, groups, w, b, 1e-5))), "F.group_norm + F.silu")
+            row["triton_one_chunk_ms"] = ms(lambda: group_norm_kernel.group_norm(x, groups, w, b, 1e-5, silu=True,
+                                                                                 chunks=1))
+            rows.append(row)
     return rows
 
 
 def _timing_row(kernel, case, triton_ms, torch_ms, baseline):
     return {"kind": "timing", "kernel": kernel, "case": case, "triton_ms": triton_ms, "torch_ms": torch_ms,
             "baseline": baseline, "speedup": torch_ms / triton_ms}
+
+
+# ---- attention tile configs ----
+
+TILE_CANDIDATES = {  # padded head width: (BLOCK_M, BLOCK_N, num_warps, num_stages), besides the default
+    64: [(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 32, 8, 3), (32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
+}
+
+
+def sweep_attention_tiles(budget) -> list[dict]:
+    import torch
+    import triton
+    from triton.testing import do_bench
+
+    from ldmrt.kernels import attention as attention_kernel
+
+    table = attention_kernel.TILES["16-bit"]
+    rows = []
+    for name, shape, seq_k, causal in attention_cases(tiny=False):
+        width = max(64, triton.next_power_of_2(shape[3]))
+        default = table[width]
+        q = torch.randn(shape, device="cuda", dtype=torch.float16)
+        k, v = (torch.randn(shape[:2] + (seq_k, shape[3]), device="cuda", dtype=torch.float16) for _ in range(2))
+        for tiles in [default] + [t for t in TILE_CANDIDATES[width] if t != default]:
+            if budget.left() < 0:
+                return rows + [{"kind": "skipped", "why": "time budget"}]
+            row = {"kind": "tiles", "case": name, "tiles": list(tiles), "default": tiles == default}
+            table[width] = tiles
+            try:
+                row["ms"] = do_bench(lambda: attention_kernel.attention(q, k, v, causal=causal), warmup=10, rep=40,
+                                     return_mode="median")
+            except Exception as e:  # e.g. Triton's OutOfResources: reported, the sweep goes on
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+            finally:
+                table[width] = default
+            rows.append(row)
+    return rows
 
 
 # ---- the UNet step ----
@@ -304,11 +348,13 @@ def print_table(results):
     for r in bad:
         print(f"  FAILED {r['kernel']} {r['case']} {r['dtype']}: {r['rel_err']:.2e}")
     if results["kernel_timings"]:
-        print(f"\n{'kernel':22s} {'case':32s} {'triton ms':>10s} {'torch ms':>10s} {'speedup':>8s}")
+        print(f"\n{'kernel':22s} {'case':32s} {'triton ms':>10s} {'torch ms':>10s} {'speedup':>8s}  "
+              "(group norm: 1 chunk ms)")
         for r in results["kernel_timings"]:
             if r["kind"] == "timing":
+                one_chunk = f"  {r['triton_one_chunk_ms']:10.4f}" if "triton_one_chunk_ms" in r else ""
                 print(f"{r['kernel']:22s} {r['case']:32s} {r['triton_ms']:10.4f} {r['torch_ms']:10.4f} "
-                      f"{r['speedup']:7.2f}x")
+                      f"{r['speedup']:7.2f}x{one_chunk}")
     print(f"\n{'UNet step variant':56s} {'ms':>9s} {'rel err':>9s}")
     for r in results["unet"]:
         if "skipped" in r:
@@ -321,6 +367,16 @@ def print_table(results):
         else:
             print(f"\nsampler: {r['steps']} {r['sampler']} steps (C++ plan, guidance {r['guidance_scale']}): "
                   f"{r['total_s']:.2f} s, {r['ms_per_step']:.2f} ms/step")
+    tiles = [r for r in results["attention_tiles"] if r["kind"] == "tiles" and "ms" in r]
+    if tiles:
+        print(f"\n{'attention fp16 case':24s} {'default tiles':18s} {'ms':>8s}   {'fastest tiles':18s} {'ms':>8s}")
+        for case in dict.fromkeys(r["case"] for r in tiles):
+            runs = [r for r in tiles if r["case"] == case]
+            default = next((r for r in runs if r["default"]), None)
+            best = min(runs, key=lambda r: r["ms"])
+            if default:
+                print(f"{case:24s} {str(tuple(default['tiles'])):18s} {default['ms']:8.4f}   "
+                      f"{str(tuple(best['tiles'])):18s} {best['ms']:8.4f}")
 
 
 def main():
@@ -342,6 +398,7 @@ def main():
     results["kernel_timings"] = [] if args.cpu_check else time_kernels(budget)
     results["unet"], step_setup = unet_step_variants(device, args.cpu_check, budget)
     results["sampler"] = sampler_run(step_setup, args.cpu_check, budget)
+    results["attention_tiles"] = [] if args.cpu_check else sweep_attention_tiles(budget)
     results["seconds"] = round(time.perf_counter() - budget.start, 1)
     print_table(results)
     out = args.out or ROOT / "results" / ("bench_gpu-cpu-check.json" if args.cpu_check else "bench_gpu.json")
