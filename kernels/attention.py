@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 MAX_HEAD_DIM = 256  # one padded head must fit a program's registers/shared memory
+MAX_ELEMENTS = 2**31  # offsets are int32 arithmetic in the kernel
 
 
 @triton.jit
@@ -84,15 +85,16 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attention` handles these inputs (otherwise use the torch reference)."""
     return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.dtype == k.dtype == v.dtype
             and q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] <= MAX_HEAD_DIM
-            and k.shape[:3] == v.shape[:3] and q.shape[:2] == k.shape[:2] and q.numel() > 0 and k.numel() > 0)
+            and k.shape[:3] == v.shape[:3] and q.shape[:2] == k.shape[:2]
+            and 0 < q.numel() < MAX_ELEMENTS and 0 < k.numel() < MAX_ELEMENTS)
 
 
-# Tiles (BLOCK_M queries, BLOCK_N keys, warps) per padded head width: of the sizes tried, the largest
-# that Triton compiles for sm_80 and sm_90 without register spills and within 99 KB of shared memory (the
-# per-block limit of sm_86/sm_89, the smallest from Ampere on): `python -m ldmrt.kernels.resources`
-# reports that, and tests/test_kernels_compile.py checks it. fp32 takes twice the registers per element,
-# hence smaller tiles. Their speed is not measured yet (no GPU so far): benchmarks/gpu/bench_gpu.py times
-# the kernel against SDPA.
+# Tiles per padded head width: of the sizes tried, the largest that Triton compiles for sm_80 and sm_90
+# without register spills and within 99 KB of shared memory on sm_80 (the per-block limit of sm_86/sm_89,
+# which compile like it: the smallest from Ampere on). `python -m ldmrt.kernels.resources` reports that,
+# tests/test_kernels_compile.py checks it. fp32 takes twice the registers per element, hence smaller tiles;
+# bf16 shares fp16's (same sizes, same instructions). Their speed is not measured yet (no GPU so far):
+# benchmarks/gpu/bench_gpu.py times the kernel against SDPA and other tiles.
 TILES = {  # padded head width (16 and 32 take 64's): (BLOCK_M, BLOCK_N, num_warps, num_stages)
     "16-bit": {64: (128, 64, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
     "fp32": {64: (64, 32, 8, 2), 128: (64, 16, 8, 2), 256: (32, 16, 8, 2)},

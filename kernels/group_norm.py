@@ -101,13 +101,14 @@ def _group_norm_apply(
 # (`python -m ldmrt.kernels.resources`). SD's widest is 60 (1920 channels, 32 groups).
 MAX_GROUP_CHANNELS = 2048
 MAX_CHUNKS = 64  # the apply kernel reads all of its group's partials at once
+MAX_ELEMENTS = 2**31  # offsets are int32 arithmetic in the kernels
 
 
 def supports(x: torch.Tensor, num_groups: int) -> bool:
     """Whether `group_norm` handles this input (otherwise use the torch reference)."""
     return (x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.dim() >= 2
             and x.shape[1] % num_groups == 0 and x.shape[1] // num_groups <= MAX_GROUP_CHANNELS
-            and x.numel() > 0)
+            and 0 < x.numel() < MAX_ELEMENTS)
 
 
 def launch_meta(group_channels: int, spatial: int) -> dict:
@@ -137,6 +138,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     fp16/bf16/fp32, statistics in fp32. The output has x's dtype and memory format. chunks: how many
     programs share a group (default: `default_chunks`), at most one per tile and MAX_CHUNKS."""
     assert supports(x, num_groups), "unsupported group_norm input: check with supports() first"
+    if chunks is not None and chunks < 1:
+        raise ValueError(f"chunks must be at least 1, got {chunks}")
     n, c = x.shape[:2]
     if weight is None:
         weight = x.new_ones(c)

@@ -9,7 +9,8 @@ with the argument specialisation it applies at a real launch (ints equal to 1 be
 and ints divisible by 16 carry that hint), and the cubin's resource use is read with the cuobjdump
 Triton also carries. What this catches that the CPU interpreter cannot: launch configs that do not
 compile, register spills (a stack frame: these kernels make no calls, so a frame is spilled registers),
-and shared memory over a GPU's per-block limit (`SHARED_LIMIT`).
+and shared memory over a GPU's per-block limit (`SHARED_LIMIT`). A GPU can check the same on its own
+toolchain: `--arch` takes any compute capability, and benchmarks/gpu/bench_gpu.py reads its kernels'.
 
 Triton's compiler is not usable in a process running its interpreter (TRITON_INTERPRET=1): run this in
 one without (tests/test_kernels_compile.py starts it so).
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,19 +33,52 @@ from triton.compiler import ASTSource
 from . import attention, group_norm
 
 ARCHS = (80, 90)  # A100; H100/H200
-SHARED_LIMIT = 99 * 1024  # per block on sm_86/sm_89, the smallest limit from Ampere on (sm_80 163 KB, sm_90 227 KB)
+# Shared memory per block. sm_86/sm_89 (RTX 30xx/40xx, L4, A10...) allow the least from Ampere on, 99 KB,
+# and compile like sm_80, so sm_80's launches are held to their limit; sm_90 allows 227 KB.
+SHARED_LIMIT = {80: 99 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 OPTIONS = ("num_warps", "num_stages")
 H100_MULTIPROCESSORS = 132
 
-ATTENTION_CASES = {  # name: (q shape, key length, causal); every padded head width attention.TILES holds
-    "sd 64x64 self d40": ((2, 8, 4096, 40), 4096, False),
-    "sd cross d80": ((2, 8, 1024, 80), 77, False),
-    "sd 16x16 self d160": ((2, 8, 256, 160), 256, False),
-    "clip causal d64": ((2, 12, 77, 64), 77, True),
-    "causal d160": ((1, 2, 130, 160), 130, True),
-    "small heads d24": ((1, 2, 130, 24), 77, False),
-    "widest d256": ((1, 2, 130, 256), 77, False),
+
+def _meta_tensor(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _contiguous(q_shape, seq_k):
+    def make(dtype):
+        q = _meta_tensor(q_shape, dtype)
+        return q, *(_meta_tensor(q_shape[:2] + (seq_k, q_shape[3]), dtype) for _ in range(2))
+    return make
+
+
+def _transformer_views(batch, heads, seq_q, seq_k, head_dim):
+    """As SpatialTransformer's attention hands them over: (B, N, heads * d) projections split into heads."""
+    def make(dtype):
+        def split(tokens):
+            return _meta_tensor((batch, tokens, heads * head_dim), dtype).unflatten(-1, (heads, -1)).transpose(1, 2)
+        return split(seq_q), split(seq_k), split(seq_k)
+    return make
+
+
+def _legacy_qkv(batch, heads, tokens, head_dim):
+    """As the legacy AttentionBlock (LDM zoo UNets) hands them over: one (B, 3C, T) tensor, tokens stride 1."""
+    def make(dtype):
+        qkv = _meta_tensor((batch, 3 * heads * head_dim, tokens), dtype).unflatten(1, (heads, 3, -1))
+        return qkv.transpose(1, 2).transpose(-1, -2).unbind(1)
+    return make
+
+
+ATTENTION_CASES = {  # name: (q, k, v for a dtype, causal); every padded head width attention.TILES holds
+    "sd 64x64 self d40": (_transformer_views(2, 8, 4096, 4096, 40), False),
+    "sd cross d80": (_transformer_views(2, 8, 1024, 77, 80), False),
+    "sd 16x16 self d160": (_transformer_views(2, 8, 256, 256, 160), False),
+    "contiguous 64x64 self d40": (_contiguous((2, 8, 4096, 40), 4096), False),
+    "legacy 32x32 d64": (_legacy_qkv(2, 8, 1024, 64), False),
+    "clip causal d64": (_contiguous((2, 12, 77, 64), 77), True),
+    "causal d160": (_contiguous((1, 2, 130, 160), 130), True),
+    "small heads d24": (_contiguous((1, 2, 130, 24), 77), False),
+    "widest d256": (_contiguous((1, 2, 130, 256), 77), False),
 }
 GROUP_NORM_CASES = {  # name: (shape, groups, channels-last)
     "unet 320@64x64": ((2, 320, 64, 64), 32, False),
@@ -81,7 +116,8 @@ def compile_launch(kernel: triton.JITFunction, args: tuple, meta: dict, arch: in
     """Compiles kernel as Triton would for this launch on an sm_<arch> GPU."""
     names = [n for n in kernel.arg_names if n not in meta]
     signature, constants, attrs = {}, {}, {}
-    for index, (name, value) in enumerate(zip(names, args)):
+    for name, value in zip(names, args):
+        index = kernel.arg_names.index(name)
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + DTYPES[value.dtype]
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch's allocations are aligned far past 16 bytes
@@ -104,16 +140,21 @@ def compile_launch(kernel: triton.JITFunction, args: tuple, meta: dict, arch: in
                           options=options)
 
 
-def _cuobjdump() -> Path:
+def _cuobjdump() -> str:
+    """The cuobjdump Triton's wheel carries, else a CUDA toolkit's."""
     import triton.backends.nvidia as nvidia
-    return Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    carried = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    found = str(carried) if carried.exists() else shutil.which("cuobjdump")
+    if found is None:
+        raise RuntimeError("no cuobjdump: neither Triton's NVIDIA backend nor the PATH has one")
+    return found
 
 
 def resource_usage(compiled) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        report = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", str(cubin)], capture_output=True,
+        report = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True,
                                 text=True, check=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", report)
     if not found:
@@ -122,16 +163,11 @@ def resource_usage(compiled) -> dict:
     return dict(regs=regs, spill_bytes=stack + local, shared_bytes=static_shared + compiled.metadata.shared)
 
 
-def _meta_tensor(shape, dtype):
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
 def launches():
     """(kernel name, case, dtype name, kernel, args, meta) for every case, dtype and kernel launched."""
-    for case, (shape, seq_k, causal) in ATTENTION_CASES.items():
+    for case, (make_qkv, causal) in ATTENTION_CASES.items():
         for dtype, dtype_name in DTYPES.items():
-            q = _meta_tensor(shape, dtype)
-            k, v = (_meta_tensor(shape[:2] + (seq_k, shape[3]), dtype) for _ in range(2))
+            q, k, v = make_qkv(dtype)
             for launch in record_launches(attention, ("_attention_fwd",),
                                           lambda: attention.attention(q, k, v, causal=causal)):
                 yield ("attention", case, dtype_name, *launch)
@@ -156,14 +192,15 @@ def report(archs=ARCHS) -> list[dict]:
         for arch in archs:
             usage = resource_usage(compile_launch(kernel, args, meta, arch))
             rows.append(dict(kernel=kernel_name, case=case, dtype=dtype, arch=arch, **usage,
-                             ok=usage["spill_bytes"] == 0 and usage["shared_bytes"] <= SHARED_LIMIT,
+                             ok=usage["spill_bytes"] == 0 and usage["shared_bytes"] <= SHARED_LIMIT[arch],
                              meta={k: v for k, v in meta.items() if k.isupper() or k in OPTIONS}))
     return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities, e.g. 80 90")
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT),
+                   help="compute capabilities (default: 80 90)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -177,8 +214,8 @@ def main():
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     bad = [r for r in rows if not r["ok"]]
-    print(f"\n{len(rows) - len(bad)}/{len(rows)} launches compile without spills within {SHARED_LIMIT} bytes of "
-          "shared memory")
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} launches compile without spills, within shared memory "
+          f"({', '.join(f'sm_{a}: {SHARED_LIMIT[a] // 1024} KB' for a in args.arch)})")
     sys.exit(1 if bad else 0)
 
 
