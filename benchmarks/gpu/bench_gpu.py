@@ -16,14 +16,18 @@
            with SDPA; ldmrt's CUDA configuration (channels-last, Triton kernels) eager and replayed from a
            CUDA graph (ldmrt.backends.cuda_graphs); torch ops replayed from a graph, to separate the effects.
 5. sampler 20 DDIM steps driven by the C++ sampler plan (ldmrt.sampling) with the graphed step.
-6. tiles   fp16 attention at the shapes of 3. with other tile configs in place of the defaults in
+6. engine  the product path: the shipped model's torch engine built with --fp16 and loaded on this device
+           (on CUDA: fp16, channels-last, Triton kernels, the UNet from a CUDA graph), Engine.generate for
+           the demo prompt (20 DDIM steps), its latent against the fp32 engine on the CPU and its image
+           scored by ldmrt.adherence.
+7. tiles   fp16 attention at the shapes of 3. with other tile configs in place of the defaults in
            attention.TILES, to tune that table (its entries were chosen without a GPU: ldmrt.kernels.resources):
            time and error of each; registers, spills and shared memory of the default and the fastest, from
            this machine's Triton.
 
-Prints a table and writes JSON. Sections 1-5 stop starting new work past --budget-s (default 360 s), the
+Prints a table and writes JSON. Sections 1-6 stop starting new work past --budget-s (default 360 s), the
 tile sweep past its own --tiles-budget-s (default 75 s), so that the whole run stays under 8 minutes.
---cpu-check runs 2 and 4 (eager variants) and 5 on tiny shapes under
+--cpu-check runs 2, 4 (eager variants), 5 and 6 on tiny shapes (6 on the CPU) under
 TRITON_INTERPRET=1: it checks the script and the kernels' logic, its timings mean nothing.
 """
 import argparse
@@ -51,7 +55,7 @@ def parse_args():
     p.add_argument("--cpu-check", action="store_true", help="no GPU: tiny shapes under TRITON_INTERPRET=1")
     p.add_argument("--out", type=Path, help="JSON results (default results/bench_gpu[-cpu-check].json)")
     p.add_argument("--no-build", action="store_true", help="do not pip install the project")
-    p.add_argument("--budget-s", type=float, default=360.0, help="sections 1-5 start no new work after this")
+    p.add_argument("--budget-s", type=float, default=360.0, help="sections 1-6 start no new work after this")
     p.add_argument("--tiles-budget-s", type=float, default=75.0, help="the tile sweep's own time budget")
     return p.parse_args()
 
@@ -366,6 +370,38 @@ def sampler_run(step_setup, tiny, budget) -> list[dict]:
              "ms_per_step": seconds / steps * 1e3, "latent_finite": bool(torch.isfinite(latent).all())}]
 
 
+# ---- the engine ----
+
+def engine_run(device, budget) -> list[dict]:
+    import tempfile
+
+    import torch
+
+    from ldmrt.adherence import score
+    from ldmrt.demo import PROMPT
+    from ldmrt.engine import DEFAULT_MODEL, Engine
+
+    if budget.left() < 0:
+        return [{"kind": "engine", "skipped": "time budget"}]
+    steps = 20
+    with tempfile.TemporaryDirectory() as tmp:
+        Engine.build(DEFAULT_MODEL, Path(tmp) / "fp32", backend="torch", progress=None)
+        Engine.build(DEFAULT_MODEL, Path(tmp) / "fp16", backend="torch", fp16=True, progress=None)
+        reference = Engine.load(Path(tmp) / "fp32", device="cpu")
+        engine = Engine.load(Path(tmp) / "fp16", device=device)  # fp16 on CUDA, bf16 on a CPU
+        ref = reference.generate(PROMPT, steps=steps, seed=0, output_type="latent")
+        engine.generate(PROMPT, steps=steps, seed=0, output_type="latent")  # captures the graph, compiles
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        latent = engine.generate(PROMPT, steps=steps, seed=0, output_type="latent")
+        seconds = time.perf_counter() - t0
+        image = engine.generate(PROMPT, steps=steps, seed=0)[0]
+    return [{"kind": "engine", "model": DEFAULT_MODEL, "device": device, "dtype": str(engine.backend.dtype),
+             "prompt": PROMPT, "steps": steps, "generate_s": seconds, "rel_err_vs_cpu_fp32": rel_err(latent, ref),
+             "adherence": score(PROMPT, image)}]
+
+
 # ---- report ----
 
 def print_table(results):
@@ -399,6 +435,14 @@ def print_table(results):
         else:
             print(f"\nsampler: {r['steps']} {r['sampler']} steps (C++ plan, guidance {r['guidance_scale']}): "
                   f"{r['total_s']:.2f} s, {r['ms_per_step']:.2f} ms/step")
+    for r in results["engine"]:
+        if "skipped" in r:
+            print(f"\nengine: skipped: {r['skipped']}")
+        else:
+            obeyed = sum(r["adherence"].values())
+            print(f"\nengine: shipped model, {r['dtype']} on {r['device']}: {r['steps']} steps in "
+                  f"{r['generate_s']:.3f} s; latent vs CPU fp32 {r['rel_err_vs_cpu_fp32']:.1e} rel L2; "
+                  f"image obeys {obeyed}/{len(r['adherence'])} attributes of {r['prompt']!r}")
     tiles = [r for r in results["attention_tiles"] if r["kind"] == "tiles" and "ms" in r]
     if tiles:
         print(f"\n{'attention fp16 case':24s} {'tiles':18s} {'ms':>8s} {'rel err':>8s} {'regs':>5s} {'spill B':>8s} "
@@ -434,6 +478,7 @@ def main():
     results["kernel_timings"] = [] if args.cpu_check else time_kernels(budget)
     results["unet"], step_setup = unet_step_variants(device, args.cpu_check, budget)
     results["sampler"] = sampler_run(step_setup, args.cpu_check, budget)
+    results["engine"] = engine_run(device, budget)
     results["attention_tiles"] = [] if args.cpu_check else sweep_attention_tiles(Budget(args.tiles_budget_s))
     results["seconds"] = round(time.perf_counter() - budget.start, 1)
     print_table(results)
