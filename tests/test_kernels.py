@@ -218,6 +218,15 @@ def test_unsupported_inputs_fall_back_to_reference(monkeypatch):
     assert torch.equal(ops.group_norm(x, norm), ops.group_norm_reference(x, norm))
 
 
+def test_inputs_past_int32_offsets_are_not_supported():
+    """The kernels' offsets are int32: 2^31 elements and more take torch (checked on meta tensors)."""
+    big = torch.empty(1, 8, 2**28, 1, dtype=torch.float16, device="meta")
+    assert not attention_kernel.supports(big, big, big)
+    assert not group_norm_kernel.supports(big, 8)
+    fits = torch.empty(1, 8, 2**28 - 1, 1, dtype=torch.float16, device="meta")
+    assert attention_kernel.supports(fits, fits, fits) and group_norm_kernel.supports(fits, 8)
+
+
 def _run_both(module, *inputs, monkeypatch):
     with torch.no_grad():
         monkeypatch.setenv(ops.KERNELS_ENV, "torch")
