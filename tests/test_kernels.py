@@ -67,12 +67,23 @@ def sdpa64(q, k, v, causal=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [40, 64, 80, 160])
 def test_cross_attention_ragged_lengths(head_dim, dtype):
-    """130 queries over 77 keys: several query and key blocks, both with masked tails, padded head dims."""
+    """130 queries over 77 keys: several query and key blocks, both with masked tails; head dims in two
+    parts (40 = 32 + 16 with 8 masked, 80 = 64 + 16, 160 = 128 + 32) and in one (64)."""
     q = randn(1, 2, 130, head_dim, dtype=dtype, seed=1)
     k, v = randn(1, 2, 77, head_dim, dtype=dtype, seed=2), randn(1, 2, 77, head_dim, dtype=dtype, seed=3)
     out = attention_kernel.attention(q, k, v)
     assert out.dtype == dtype and out.shape == q.shape
     assert rel_err(out, sdpa64(q, k, v)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("head_dim", [40, 80, 160])
+def test_padded_heads(head_dim, monkeypatch):
+    """Heads not split in two power-of-two parts (SPLIT_HEADS off): one part, padded to 64, 128 or 256."""
+    monkeypatch.setattr(attention_kernel, "SPLIT_HEADS", False)
+    assert attention_kernel.launch_meta(torch.float16, head_dim, False)["BLOCK_D2"] == 0
+    q = randn(1, 2, 130, head_dim, dtype=torch.float16, seed=1)
+    k, v = (randn(1, 2, 77, head_dim, dtype=torch.float16, seed=s) for s in (2, 3))
+    assert rel_err(attention_kernel.attention(q, k, v), sdpa64(q, k, v)) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

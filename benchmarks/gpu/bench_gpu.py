@@ -21,9 +21,9 @@
            the demo prompt (20 DDIM steps), its latent against the fp32 engine on the CPU and its image
            scored by ldmrt.adherence.
 7. tiles   fp16 attention at the shapes of 3. with other tile configs in place of the defaults in
-           attention.TILES, to tune that table (its entries were chosen without a GPU: ldmrt.kernels.resources):
-           time and error of each; registers, spills and shared memory of the default and the fastest, from
-           this machine's Triton.
+           attention.TILES, and with attention.SPLIT_HEADS flipped, to tune both (chosen without a GPU:
+           ldmrt.kernels.resources): time and error of each; registers, spills and shared memory of the
+           default and the fastest, from this machine's Triton.
 
 Prints a table and writes JSON. Sections 1-6 stop starting new work past --budget-s (default 360 s), the
 tile sweep past its own --tiles-budget-s (default 75 s), so that the whole run stays under 8 minutes.
@@ -224,7 +224,7 @@ def _timing_row(kernel, case, triton_ms, torch_ms, baseline):
 TILE_CANDIDATES = {  # padded head width: (BLOCK_M, BLOCK_N, num_warps, num_stages), besides the default
     64: [(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
     128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
-    256: [(64, 32, 8, 3), (32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
+    256: [(64, 32, 8, 2), (64, 32, 4, 3), (32, 32, 8, 2), (64, 16, 8, 2)],
 }
 
 
@@ -239,7 +239,7 @@ def sweep_attention_tiles(budget) -> list[dict]:
 
     major, minor = torch.cuda.get_device_capability()
     arch = 10 * major + minor
-    table = attention_kernel.TILES["16-bit"]
+    table, default_split = attention_kernel.TILES["16-bit"], attention_kernel.SPLIT_HEADS
     rows = []
     for name, shape, seq_k, causal in attention_cases(tiny=False):
         width = max(64, triton.next_power_of_2(shape[3]))
@@ -251,32 +251,37 @@ def sweep_attention_tiles(budget) -> list[dict]:
         def attend():
             return attention_kernel.attention(q, k, v, causal=causal)
 
+        splittable = attention_kernel.head_blocks(shape[3], split=True)[1] > 0
+        split = default_split and splittable
+        variants = ([(default, split)] + [(t, split) for t in TILE_CANDIDATES[width] if t != default]
+                    + ([(default, not split)] if splittable else []))
         runs = []
-        for tiles in [default] + [t for t in TILE_CANDIDATES[width] if t != default]:
+        for tiles, split_heads in variants:
             if budget.left() < 0:
                 return rows + runs + [{"kind": "skipped", "why": "time budget"}]
-            row = {"kind": "tiles", "case": name, "tiles": list(tiles), "default": tiles == default}
-            table[width] = tiles
+            row = {"kind": "tiles", "case": name, "tiles": list(tiles), "split_heads": split_heads,
+                   "default": (tiles, split_heads) == (default, split)}
+            table[width], attention_kernel.SPLIT_HEADS = tiles, split_heads
             try:
                 row["rel_err"] = rel_err(attend(), ref)
                 row["ms"] = do_bench(attend, warmup=10, rep=40, return_mode="median")
             except Exception as e:  # e.g. Triton's OutOfResources: reported, the sweep goes on
                 row["error"] = f"{type(e).__name__}: {e}"[:200]
             finally:
-                table[width] = default
+                table[width], attention_kernel.SPLIT_HEADS = default, default_split
             runs.append(row)
         timed = [r for r in runs if "ms" in r]
         fastest = min(timed, key=lambda r: r["ms"]) if timed else None
         # What the default and the fastest cost on this machine's Triton: the table's no-spill, 99 KB rule.
         for row in {id(r): r for r in timed if r["default"] or r is fastest}.values():
-            table[width] = tuple(row["tiles"])
+            table[width], attention_kernel.SPLIT_HEADS = tuple(row["tiles"]), row["split_heads"]
             try:
                 ((kernel, args, meta),) = resources.record_launches(attention_kernel, ("_attention_fwd",), attend)
                 row.update(resources.resource_usage(resources.compile_launch(kernel, args, meta, arch)))
             except Exception as e:
                 row["resources_error"] = f"{type(e).__name__}: {e}"[:200]
             finally:
-                table[width] = default
+                table[width], attention_kernel.SPLIT_HEADS = default, default_split
         rows += runs
     return rows
 
@@ -445,7 +450,7 @@ def print_table(results):
                   f"image obeys {obeyed}/{len(r['adherence'])} attributes of {r['prompt']!r}")
     tiles = [r for r in results["attention_tiles"] if r["kind"] == "tiles" and "ms" in r]
     if tiles:
-        print(f"\n{'attention fp16 case':24s} {'tiles':18s} {'ms':>8s} {'rel err':>8s} {'regs':>5s} {'spill B':>8s} "
+        print(f"\n{'attention fp16 case':24s} {'tiles':24s} {'ms':>8s} {'rel err':>8s} {'regs':>5s} {'spill B':>8s} "
               f"{'shared B':>9s}")
         for case in dict.fromkeys(r["case"] for r in tiles):
             runs = [r for r in tiles if r["case"] == case]
@@ -455,8 +460,8 @@ def print_table(results):
                     continue
                 usage = (f"{r['regs']:5d} {r['spill_bytes']:8d} {r['shared_bytes']:9d}" if "regs" in r
                          else r.get("resources_error", ""))
-                print(f"{case + ' ' + label:24s} {str(tuple(r['tiles'])):18s} {r['ms']:8.4f} {r['rel_err']:8.1e} "
-                      f"{usage}")
+                tiles_text = f"{tuple(r['tiles'])}{' split' if r['split_heads'] else ''}"
+                print(f"{case + ' ' + label:24s} {tiles_text:24s} {r['ms']:8.4f} {r['rel_err']:8.1e} {usage}")
 
 
 def main():
