@@ -122,7 +122,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 # SDPA and other tiles.
 TILES = {  # padded head width, split or not (16 and 32 take 64's): (BLOCK_M, BLOCK_N, num_warps, num_stages)
     "16-bit": {64: (128, 64, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 4, 2)},
-    "fp32": {64: (64, 32, 8, 2), 128: (64, 16, 8, 2), 256: (32, 16, 8, 2)},
+    "fp32": {64: (64, 32, 8, 2), 128: (64, 16, 4, 2), 256: (32, 16, 8, 2)},
 }
 
 
