@@ -113,16 +113,16 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and 0 < q.numel() < MAX_ELEMENTS and 0 < k.numel() < MAX_ELEMENTS)
 
 
-# Tiles per padded head width: of the sizes tried, the largest that Triton compiles (heads split as by
-# default) for sm_80 and sm_90 without register spills and within 99 KB of shared memory on sm_80 (the
-# per-block limit of sm_86/sm_89, which compile like it: the smallest from Ampere on).
-# `python -m ldmrt.kernels.resources` reports that, tests/test_kernels_compile.py checks it. fp32 takes
+# Tiles per padded head width: of the sizes tried, the largest that Triton 3.6 and 3.9 compile, for every
+# head dim of that width (heads split as by default), for sm_80 and sm_90 without register spills and within
+# 99 KB of shared memory on sm_80 (the per-block limit of sm_86/sm_89, which compile like it: the smallest
+# from Ampere on). `python -m ldmrt.kernels.resources` reports that, tests/test_kernels_compile.py checks it. fp32 takes
 # twice the registers per element, hence smaller tiles; bf16 shares fp16's (same sizes, same instructions).
 # Their speed is not measured yet (no GPU so far): benchmarks/gpu/bench_gpu.py times the kernel against
 # SDPA and other tiles.
 TILES = {  # padded head width, split or not (16 and 32 take 64's): (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    "16-bit": {64: (128, 64, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 4, 2)},
-    "fp32": {64: (64, 32, 8, 2), 128: (64, 16, 4, 2), 256: (32, 16, 8, 2)},
+    "16-bit": {64: (128, 32, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2)},
+    "fp32": {64: (32, 32, 4, 2), 128: (32, 32, 8, 2), 256: (16, 16, 4, 2)},
 }
 
 

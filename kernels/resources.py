@@ -69,15 +69,18 @@ def _legacy_qkv(batch, heads, tokens, head_dim):
     return make
 
 
-ATTENTION_CASES = {  # name: (q, k, v for a dtype, causal); every padded head width attention.TILES holds
+ATTENTION_CASES = {  # name: (q, k, v for a dtype, causal); every head split attention.head_blocks makes
     "sd 64x64 self d40": (_transformer_views(2, 8, 4096, 4096, 40), False),
     "sd cross d80": (_transformer_views(2, 8, 1024, 77, 80), False),
     "sd 16x16 self d160": (_transformer_views(2, 8, 256, 256, 160), False),
-    "contiguous 64x64 self d40": (_contiguous((2, 8, 4096, 40), 4096), False),
     "legacy 32x32 d64": (_legacy_qkv(2, 8, 1024, 64), False),
     "clip causal d64": (_contiguous((2, 12, 77, 64), 77), True),
-    "causal d160": (_contiguous((1, 2, 130, 160), 130), True),
+    "small heads d8": (_contiguous((1, 2, 130, 8), 77), False),
     "small heads d24": (_contiguous((1, 2, 130, 24), 77), False),
+    "d96": (_contiguous((1, 2, 1024, 96), 1024), False),
+    "d128": (_contiguous((1, 2, 1024, 128), 1024), False),
+    "d144": (_contiguous((1, 2, 1024, 144), 1024), False),
+    "d192": (_contiguous((1, 2, 1024, 192), 1024), False),
     "widest d256": (_contiguous((1, 2, 130, 256), 77), False),
 }
 GROUP_NORM_CASES = {  # name: (shape, groups, channels-last)

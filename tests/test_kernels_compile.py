@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -38,14 +39,20 @@ def test_every_launch_compiles_without_spills_within_shared_memory(rows):
                               f"spilled, {r['shared_bytes']} of shared memory, {r['meta']}" for r in bad)
 
 
-def test_report_covers_every_tile_config(rows):
-    """A new entry in attention.TILES cannot go unchecked: some case compiles each, on each architecture."""
-    from ldmrt.kernels.attention import TILES
+def test_report_covers_every_launch_shape(rows):
+    """No tile config or head split goes unchecked: for each dtype and architecture, the report compiles
+    every (tiles, BLOCK_D, BLOCK_D2) that head dims 1 to MAX_HEAD_DIM launch with."""
+    from ldmrt.kernels import attention
     from ldmrt.kernels.resources import ARCHS
 
-    def width(meta):  # the padded head width the table is keyed by
-        return max(64, 1 << (meta["BLOCK_D"] + meta["BLOCK_D2"] - 1).bit_length())
+    def shapes(dtype_class):
+        kernel_dtype = torch.float32 if dtype_class == "fp32" else torch.float16
+        return {tuple(attention.launch_meta(kernel_dtype, d, False)[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D",
+                                                                                 "BLOCK_D2"))
+                for d in range(1, attention.MAX_HEAD_DIM + 1)}
 
-    covered = {("fp32" if r["dtype"] == "fp32" else "16-bit", width(r["meta"]), r["arch"])
-               for r in rows if r["kernel"] == "attention"}
-    assert covered == {(kind, width, arch) for kind, table in TILES.items() for width in table for arch in ARCHS}
+    for dtype in ("fp16", "bf16", "fp32"):
+        for arch in ARCHS:
+            compiled = {tuple(r["meta"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_D2")) for r in rows
+                        if r["kernel"] == "attention" and r["dtype"] == dtype and r["arch"] == arch}
+            assert shapes("fp32" if dtype == "fp32" else "16-bit") <= compiled, (dtype, arch)
