@@ -1,5 +1,5 @@
-"""Registers, shared memory and spills of each kernel launch at SD's shapes, compiled for a GPU architecture
-ahead of time: no GPU needed.
+"""Registers, shared memory and spills of each kernel launch (SD's shapes, every attention head split),
+compiled for a GPU architecture ahead of time: no GPU needed.
 
     python -m ldmrt.kernels.resources [--arch 80 90] [--json out.json]
 
@@ -9,8 +9,8 @@ with the argument specialisation it applies at a real launch (ints equal to 1 be
 and ints divisible by 16 carry that hint), and the cubin's resource use is read with the cuobjdump
 Triton also carries. What this catches that the CPU interpreter cannot: launch configs that do not
 compile, register spills (a stack frame: these kernels make no calls, so a frame is spilled registers),
-and shared memory over a GPU's per-block limit (`SHARED_LIMIT`). A GPU can check the same on its own
-toolchain: `--arch` takes any compute capability, and benchmarks/gpu/bench_gpu.py reads its kernels'.
+and shared memory over a GPU's per-block limit (`SHARED_LIMIT`, which also names the architectures
+`--arch` takes). On a GPU, benchmarks/gpu/bench_gpu.py reads the same from that machine's Triton.
 
 Triton's compiler is not usable in a process running its interpreter (TRITON_INTERPRET=1): run this in
 one without (tests/test_kernels_compile.py starts it so).
