@@ -208,14 +208,19 @@ def main():
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: Triton's compiler does not work beside its interpreter")
-    rows = report(args.arch)
+    try:
+        rows = report(args.arch)
+    except (RuntimeError, ImportError) as e:  # no NVIDIA backend or cuobjdump in this Triton
+        sys.exit(f"ldmrt.kernels.resources: {e}")
     print(f"{'kernel':17s} {'case':28s} {'dtype':5s} {'arch':>5s} {'regs':>5s} {'spill B':>8s} {'shared B':>9s}  tiles")
     for r in rows:
         tiles = " ".join(f"{k}={v}" for k, v in r["meta"].items() if k.startswith("BLOCK") or k in OPTIONS)
         print(f"{r['kernel']:17s} {r['case']:28s} {r['dtype']:5s} {'sm_' + str(r['arch']):>5s} {r['regs']:5d} "
               f"{r['spill_bytes']:8d} {r['shared_bytes']:9d}  {tiles}{'' if r['ok'] else '  <-- NOT OK'}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    if args.json:  # written whole or not at all
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        os.replace(tmp, args.json)
     bad = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(bad)}/{len(rows)} launches compile without spills, within shared memory "
           f"({', '.join(f'sm_{a}: {SHARED_LIMIT[a] // 1024} KB' for a in args.arch)})")

@@ -489,7 +489,9 @@ def main():
     print_table(results)
     out = args.out or ROOT / "results" / ("bench_gpu-cpu-check.json" if args.cpu_check else "bench_gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    tmp = out.with_name(out.name + ".tmp")  # written whole or not at all
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out)
     print(f"\nwrote {out} ({results['seconds']} s)")
     failed = [r for r in results["checks"] if r["kind"] == "check" and not r["ok"]]
     sys.exit(1 if failed else 0)
