@@ -206,7 +206,7 @@ def add_derived(rows: list[dict], baseline: str, flops: dict, steps: int) -> lis
 
 
 def machine_facts(threads: int) -> dict:
-    from ldmrt.info import _version, cpu_features
+    from ldmrt.machine import cpu_features, library_version
     model = None
     if Path("/proc/cpuinfo").exists():
         model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -219,7 +219,7 @@ def machine_facts(threads: int) -> dict:
         "torch_cpu_capability": cpu["torch_cpu_capability"],
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
         "load_average_start": os.getloadavg(),
-        "versions": {name: _version(name) for name in ("ldmrt", "torch", "onnxruntime", "openvino", "diffusers",
+        "versions": {name: library_version(name) for name in ("ldmrt", "torch", "onnxruntime", "openvino", "diffusers",
                                                          "transformers", "numpy")} | {
             "python": platform.python_version()},
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ldmrt.files import atomic_write
+
 COMPONENT_TITLES = {"text_encoder": "text encoder", "unet": "UNet step", "decoder": "VAE decode"}
 
 
@@ -95,6 +97,6 @@ def plot(result: dict, path: Path) -> None:
 
 def write_report(result: dict, out: Path) -> None:
     out = Path(out)
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    (out / "bench.md").write_text(markdown(result))
+    atomic_write(out / "bench.json", json.dumps(result, indent=1))
+    atomic_write(out / "bench.md", markdown(result))
     plot(result, out / "bench.png")

@@ -2,7 +2,7 @@
 
 The model returns a preallocated eps, so what is timed is the loop itself: the C++ loop's fused update (with
 guidance combination and noise) against (a) a Python loop applying the same plan with torch ops, one op per
-term, and (b) the float64 numpy reference loops in ldmrt.sampling_reference, written as CompVis/k-diffusion.
+term, and (b) the float64 numpy reference loops in ldmrt.testing.sampling_reference, written as CompVis/k-diffusion.
 
     .venv/bin/python benchmarks/sampler_overhead.py [--steps 50] [--repeats 3]
 """
@@ -12,7 +12,8 @@ import time
 import numpy as np
 import torch
 
-from ldmrt import sampling, sampling_reference
+from ldmrt import sampling
+from ldmrt.testing import sampling_reference
 
 SIZES = {"sd-512 (1x4x64x64)": (1, 4, 64, 64), "sd-512 batch 4": (4, 4, 64, 64), "sd-768 (1x4x96x96)": (1, 4, 96, 96)}
 SAMPLERS = {"ddim": "uniform", "plms": "uniform", "dpmpp_2m": "karras", "euler_ancestral": "leading"}

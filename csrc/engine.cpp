@@ -26,13 +26,32 @@ namespace {
 
 namespace fs = std::filesystem;
 constexpr const char* kFormat = "ldmrt-engine";
-constexpr int kFormatVersion = 1;  // ldmrt/engine.py FORMAT_VERSION
-constexpr double kDefaultGuidance = 5.0;  // ldmrt/engine.py DEFAULT_GUIDANCE
+constexpr int kFormatVersion = 2;  // ldmrt/manifest.py FORMAT_VERSION
+constexpr double kDefaultGuidance = 5.0;  // ldmrt/pipeline.py DEFAULT_GUIDANCE
 
 struct Graph {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
   std::vector<std::string> inputs, outputs;
 };
+
+// An engine folder is a closed world (ldmrt/manifest.py engine_file): `rel` is a normalised relative path, no
+// component of it is a symlink, and it names a regular file (never a FIFO or device that could hang or leak).
+fs::path checked_file(const fs::path& dir, const std::string& rel, const std::string& folder, const std::string& rebuild) {
+  const fs::path p(rel);
+  bool normal = !rel.empty() && p.is_relative() && rel.find('\\') == std::string::npos &&
+                p.lexically_normal().generic_string() == rel;
+  for (const auto& part : p) normal = normal && part != ".." && part != ".";
+  if (!normal) throw EngineError(folder + ": the manifest names " + rel + ", which is not a normalised path inside the engine folder: " + rebuild);
+  fs::path f = dir;
+  for (const auto& part : p) {
+    f /= part;
+    const fs::file_status st = fs::symlink_status(f);
+    if (!fs::exists(st)) throw EngineError(folder + " is missing " + rel + ": " + rebuild);
+    if (fs::is_symlink(st)) throw EngineError(folder + "/" + rel + " goes through a symlink; engine folders hold plain files only: " + rebuild);
+  }
+  if (!fs::is_regular_file(fs::symlink_status(f))) throw EngineError(folder + "/" + rel + " is not a regular file: " + rebuild);
+  return f;
+}
 
 std::string major_minor(const std::string& version) {
   const std::size_t first = version.find('.');
@@ -79,10 +98,10 @@ void Engine::Impl::load(const std::string& folder) {
     if (m.at("device").at("type").as_string() != "cpu")
       throw EngineError(folder + " was compiled for " + m.at("device").at("type").as_string() +
                         "; the C++ host runs CPU engines: " + rebuild);
-    for (std::size_t i = 0; i < m.at("files").size(); ++i) {
-      const std::string& rel = m.at("files").keys()[i];
-      const fs::path f = dir / rel;
-      if (!fs::is_regular_file(f)) throw EngineError(folder + " is missing " + rel + ": " + rebuild);
+    const json::Value& files = m.at("files");
+    for (std::size_t i = 0; i < files.size(); ++i) {
+      const std::string& rel = files.keys()[i];
+      const fs::path f = checked_file(dir, rel, folder, rebuild);
       const auto bytes = m.at("files")[i].at("bytes").as_int();
       if (static_cast<std::int64_t>(fs::file_size(f)) != bytes)
         throw EngineError(folder + "/" + rel + " has " + std::to_string(fs::file_size(f)) + " bytes, the manifest says " +
@@ -97,16 +116,21 @@ void Engine::Impl::load(const std::string& folder) {
     for (const json::Value& a : s.at("alphas_cumprod").items()) summary.alphas_cumprod.push_back(a.as_number());
     if (const json::Value* n = s.find("num_classes")) summary.num_classes = n->as_int();
     if (const json::Value* u = s.find("uncond_class"); u && !u->is_null()) summary.uncond_class = u->as_int();
+    summary.unconditional_input = s.at("unconditional_input").as_bool();
     const json::Value& g = m.at("graphs");
     for (std::size_t i = 0; i < g.size(); ++i) {
       Graph graph;
       for (const json::Value& v : g[i].at("inputs").items()) graph.inputs.push_back(v.as_string());
       for (const json::Value& v : g[i].at("outputs").items()) graph.outputs.push_back(v.as_string());
-      graph.package = std::make_unique<torch::inductor::AOTIModelPackageLoader>((dir / g[i].at("file").as_string()).string());
+      const std::string& file = g[i].at("file").as_string();
+      if (!files.find(file)) throw EngineError(folder + ": graph " + g.keys()[i] + " names " + file + ", which the manifest does not list in 'files': " + rebuild);
+      graph.package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(checked_file(dir, file, folder, rebuild).string());
       graphs.emplace(g.keys()[i], std::move(graph));
     }
     if (const json::Value* t = m.find("tokenizer"); t && !t->is_null()) {
       token_length = t->at("max_length").as_int();
+      for (const json::Value& f : t->at("files").items())
+        if (!files.find(f.as_string())) throw EngineError(folder + ": tokenizer file " + f.as_string() + " is not listed in 'files': " + rebuild);
       tokenizer = Tokenizer::from_folder((dir / "tokenizer").string(), t->at("kind").as_string(),
                                          static_cast<int>(token_length));
     }
@@ -178,9 +202,9 @@ Latent Engine::generate_latent(const GenerateOptions& o) {
   const std::int64_t batch = o.batch_size;
   const std::vector<std::int64_t> shape{batch, s.latent_channels, height / s.latent_factor, width / s.latent_factor};
 
-  // Conditioning and guidance, as Engine._conditioning.
+  // Conditioning and guidance, as ldmrt/pipeline.py (_guided, conditioning).
   const std::string& kind = s.conditioning;
-  const bool has_uncond = kind == "text" || (kind == "class" && s.uncond_class.has_value());
+  const bool has_uncond = s.unconditional_input;
   const bool custom = o.guidance_scale && *o.guidance_scale != 1.0;
   bool guided = false;
   if (kind == "text" || kind == "class") {

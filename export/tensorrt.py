@@ -32,16 +32,18 @@ option checks and the calls into TensorRT's documented Python API (against a sta
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmrt import cache_root
+from ldmrt.errors import EngineError
+from ldmrt.files import atomic_write, cache_root, sha256
+from ldmrt.manifest import MANIFEST, write_manifest
+
+from .trt import fingerprint, import_tensorrt, refit, require_cuda, trt_logger
 
 BATCH_AXES = ("batch",)
 LATENT_AXES = ("height", "width")
@@ -83,7 +85,7 @@ class Ranges:
 
 
 def resolve_ranges(options: BuildOptions, summary: dict) -> Ranges:
-    """Fill size defaults from the model summary (ldmrt.engine.model_summary) and check every range."""
+    """Fill size defaults from the model summary (ldmrt.manifest.model_summary) and check every range."""
     multiple, default = summary["size_multiple"], summary["default_size"]
     o = options
     lo = _given(o.min_batch, 1)
@@ -103,9 +105,8 @@ def resolve_ranges(options: BuildOptions, summary: dict) -> Ranges:
     if bad:
         raise ValueError(f"image sizes must be multiples of {multiple} for this model (latent factor "
                          f"{summary['latent_factor']} times the UNet's downsampling); {bad[0]} is not")
-    kind = summary["conditioning"]
-    guidance = kind == "text" or (kind == "class" and summary.get("uncond_class") is not None)
-    return Ranges(batch, size, summary["latent_factor"], guidance, kind == "text")
+    return Ranges(batch, size, summary["latent_factor"], summary["unconditional_input"],
+                  summary["conditioning"] == "text")
 
 
 def _given(value, default):
@@ -173,25 +174,10 @@ def default_timing_cache(fp: dict) -> Path:
     return root / "tensorrt" / f"timing-{fp['tensorrt']}-{gpu}-sm{fp['capability'].replace('.', '')}.cache"
 
 
-def _write_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(onnx_path, engine_path, profile: dict, *, precision: str, onnx_precision: str,
                  refit: bool = False, timing_cache: Path | None = None, progress=print) -> Path:
     """Parse `onnx_path`, build a serialized engine for `profile` ({input: {"min","opt","max"}}), write it to
     `engine_path` (atomically) and the updated timing cache back to `timing_cache` (when given)."""
-    from ldmrt.backends.tensorrt import import_tensorrt, trt_logger
-    from ldmrt.engine import EngineError
-
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     trt = import_tensorrt("TensorRT builds")
     logger = trt_logger(trt)
@@ -222,9 +208,9 @@ def build_engine(onnx_path, engine_path, profile: dict, *, precision: str, onnx_
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT {trt.__version__} failed to build {onnx_path.name} (see its log above)")
-    _write_atomic(engine_path, serialized)
+    atomic_write(engine_path, serialized)
     if cache is not None:
-        _write_atomic(timing_cache, config.get_timing_cache().serialize())
+        atomic_write(timing_cache, config.get_timing_cache().serialize())
     return engine_path
 
 
@@ -247,8 +233,6 @@ def _attach_timing_cache(config, path: Path, progress):
 def check_build_environment():
     """The tensorrt module, or an EngineError saying what this machine lacks to build TensorRT engines (Engine.build
     calls it before loading a model, so that the answer comes at once)."""
-    from ldmrt.backends.tensorrt import import_tensorrt, require_cuda
-
     trt = import_tensorrt("TensorRT builds")
     require_cuda("TensorRT engines")
     return trt
@@ -259,8 +243,6 @@ def export_tensorrt(model, out_dir, *, summary: dict, fp16: bool = False, option
     """Export `model`'s graphs to ONNX (in a scratch folder, deleted afterwards) and build `<graph>.plan` files in
     `out_dir`. Returns (precision, graphs, device fingerprint, shapes) for the engine manifest; each graph entry
     has "file", "inputs", "outputs", "precision", "profile" and "refittable"."""
-    from ldmrt.backends.tensorrt import fingerprint
-
     from .onnx import export_onnx
 
     options = options or BuildOptions()
@@ -297,9 +279,6 @@ def refit_engine(engine_path, onnx_path) -> Path:
     onnx_path: the same graph exported from other weights in the engine's precision (export_onnx). When the
     plan sits in an engine folder, its size and sha256 in manifest.json are updated too.
     """
-    from ldmrt.backends.tensorrt import import_tensorrt, refit, require_cuda, trt_logger
-    from ldmrt.engine import EngineError
-
     engine_path, onnx_path = Path(engine_path), Path(onnx_path)
     if engine_path.suffix != ".plan" or not engine_path.is_file():
         raise FileNotFoundError(f"no TensorRT plan at {engine_path} (engine folders hold <graph>.plan files)")
@@ -311,51 +290,18 @@ def refit_engine(engine_path, onnx_path) -> Path:
     if engine is None:
         raise EngineError(f"TensorRT {trt.__version__} could not deserialize {engine_path} (see its log above)")
     refit(trt, engine, onnx_path)
-    _write_atomic(engine_path, engine.serialize())
+    atomic_write(engine_path, engine.serialize())
     _update_manifest_entry(engine_path)
     return engine_path
 
 
 def _update_manifest_entry(file: Path) -> None:
-    manifest_path = file.parent / "manifest.json"
+    manifest_path = file.parent / MANIFEST
     if not manifest_path.is_file():
         return
     manifest = json.loads(manifest_path.read_text())
     entry = manifest.get("files", {}).get(file.name)
     if entry is None:
         return
-    with open(file, "rb") as f:  # streamed: plans are gigabytes
-        entry.update(bytes=file.stat().st_size, sha256=hashlib.file_digest(f, "sha256").hexdigest())
-    _write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
-
-
-def add_build_arguments(parser) -> None:
-    """The `ldmrt build` flags of BuildOptions."""
-    g = parser.add_argument_group("TensorRT (--backend tensorrt)")
-    g.add_argument("--bf16", action="store_true", help="bf16 engines (TensorRT 10.x; --fp16 is the usual choice)")
-    for what, default in (("min", "1"), ("opt", "min"), ("max", "max(4, opt)")):
-        g.add_argument(f"--{what}-batch", type=int, help=f"{what} images per call (default {default}; the UNet's "
-                       "profile doubles it for guidance)")
-    for what, default in (("min", "half the model's size"), ("opt", "the model's size"), ("max", "twice it")):
-        g.add_argument(f"--{what}-size", type=int, help=f"{what} image height and width in pixels (default {default})")
-    g.add_argument("--refit", action="store_true", help="refittable engines (swap weights without a rebuild)")
-    g.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (default: in the user cache)")
-    g.add_argument("--no-timing-cache", action="store_true", help="build without a timing cache")
-
-
-def options_from_args(args) -> BuildOptions | None:
-    """BuildOptions from parsed `ldmrt build` arguments; None for other backends (which take none of them)."""
-    given = {k: getattr(args, k) for k in ("min_batch", "opt_batch", "max_batch", "min_size", "opt_size", "max_size")
-             if getattr(args, k) is not None}
-    flags = {k: getattr(args, k) for k in ("bf16", "refit", "no_timing_cache") if getattr(args, k)}
-    if args.timing_cache is not None:
-        flags["timing_cache"] = args.timing_cache
-    if args.backend != "tensorrt":
-        if given or flags:
-            names = ", ".join("--" + k.replace("_", "-") for k in (*given, *flags))
-            raise ValueError(f"{names}: TensorRT options, for --backend tensorrt only")
-        return None
-    if args.no_timing_cache and args.timing_cache is not None:
-        raise ValueError("--timing-cache and --no-timing-cache exclude each other")
-    return BuildOptions(**given, bf16=args.bf16, refit=args.refit,
-                        timing_cache=False if args.no_timing_cache else args.timing_cache)
+    entry.update(bytes=file.stat().st_size, sha256=sha256(file))
+    write_manifest(file.parent, manifest)

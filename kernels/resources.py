@@ -30,6 +30,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ldmrt.files import atomic_write
+
 from . import attention, group_norm
 
 ARCHS = (80, 90)  # A100; H100/H200
@@ -218,9 +220,7 @@ def main():
         print(f"{r['kernel']:17s} {r['case']:28s} {r['dtype']:5s} {'sm_' + str(r['arch']):>5s} {r['regs']:5d} "
               f"{r['spill_bytes']:8d} {r['shared_bytes']:9d}  {tiles}{'' if r['ok'] else '  <-- NOT OK'}")
     if args.json:  # written whole or not at all
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, args.json)
+        atomic_write(args.json, json.dumps(rows, indent=1))
     bad = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(bad)}/{len(rows)} launches compile without spills, within shared memory "
           f"({', '.join(f'sm_{a}: {SHARED_LIMIT[a] // 1024} KB' for a in args.arch)})")

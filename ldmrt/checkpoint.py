@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import load_config, instantiate_from_config
+from .config import instantiate_from_config, load_config
+from .errors import CheckpointError
 
 # Keys real checkpoints carry that inference does not use.
 IGNORED_PREFIXES = ("model_ema.",)  # EMA shadows: read only when ema=True
@@ -30,10 +29,6 @@ SCHEDULE_KEYS = {
 CONFIG_NAMES = ("config.yaml", "model.yaml", "v1-inference.yaml")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or does not fit the model config."""
-
-
 def is_diffusers_folder(path) -> bool:
     return isinstance(path, (str, os.PathLike)) and Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
 
@@ -47,6 +42,18 @@ def _inert_class(qualname: str):
         return None
 
     return type(qualname.rsplit(".", 1)[-1], (), {"__init__": ignore, "__setstate__": ignore})
+
+
+def checkpoint_format(path: Path) -> str | None:
+    """"torch" (zip or legacy pickle), "safetensors", or None, from the file's first bytes (not its name)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    return None
 
 
 def _torch_load(path: Path):
@@ -69,10 +76,13 @@ def read_state_dict(path, *, ema: bool = False) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    from safetensors import SafetensorError
+        raise CheckpointError(f"checkpoint {path} does not exist" + (" as a file" if path.exists() else ""))
+    kind = checkpoint_format(path)
+    if kind is None:
+        raise CheckpointError(f"{path} is not a checkpoint: neither a PyTorch file (zip or pickle) nor safetensors; "
+                              "pass the .ckpt / .safetensors file itself")
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
             sd = load_file(str(path))
             # safetensors packs tensors back to back: realign them (torch allocates at 64 bytes), or
@@ -84,8 +94,9 @@ def read_state_dict(path, *, ema: bool = False) -> dict[str, torch.Tensor]:
             sd = _torch_load(path)
     except CheckpointError:
         raise
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, pickle.UnpicklingError,
-            SafetensorError) as e:
+    except MemoryError:
+        raise CheckpointError(f"{path} does not fit in memory (or its header claims so): is it a checkpoint?") from None
+    except Exception as e:  # a damaged file fails in any of the unpickler's or safetensors' own ways
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({msg}): download or save it again") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
@@ -156,6 +167,8 @@ def load_model(model_or_config=None, ckpt=None, *, random_weights: bool = False,
     """
     if is_diffusers_folder(model_or_config) and ckpt is None:
         model_or_config, ckpt = None, model_or_config
+    if model_or_config is not None:
+        load_config(model_or_config)  # an unknown model is said as such, before any question about weights
     if ckpt is None and not random_weights:
         from .config import shipped_checkpoint
         ckpt = shipped_checkpoint(model_or_config)
@@ -174,21 +187,25 @@ def load_model(model_or_config=None, ckpt=None, *, random_weights: bool = False,
                                       "config.yaml published with the checkpoint beside it")
         sd = read_state_dict(ckpt, ema=ema)
     elif not random_weights:
-        raise ValueError("no weights: pass ckpt=PATH (a .ckpt, .safetensors or diffusers folder) or "
-                         "random_weights=True")
+        raise CheckpointError(f"no weights for {model_or_config}: it has none in the package; give its checkpoint "
+                              "(--ckpt / ckpt=: a .ckpt, .safetensors or diffusers folder), or random weights "
+                              "(--random-weights / random_weights=True) to test")
     if model_or_config is None:
         raise ValueError("no model: pass a preset name, a config.yaml or a config dict")
     cfg = load_config(model_or_config)
 
+    # Networks are built on the meta device first: their size is checked before anything is allocated, and a
+    # checkpoint's tensors are then taken as they are (no random init, no second copy of the weights).
+    with torch.device("meta"):
+        model = instantiate_from_config(cfg)
+    from .memory import check_model_memory
+    check_model_memory(sum(t.numel() for t in [*model.parameters(), *model.buffers()]),
+                       str(model_or_config if isinstance(model_or_config, (str, os.PathLike)) else "the model config"))
     if sd is None:
         with torch.random.fork_rng():  # seeded random weights, without reseeding the caller's generator
             torch.manual_seed(seed)
             model = instantiate_from_config(cfg)
     else:
-        # Networks are built on the meta device and take the checkpoint's tensors: no random init,
-        # no second copy of the weights.
-        with torch.device("meta"):
-            model = instantiate_from_config(cfg)
         load_state_dict_checked(model, sd, source=str(ckpt), assign=True)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if leftover:
@@ -216,6 +233,8 @@ def _attach_tokenizer(model, tokenizer, ckpt):
         return
     from .tokenizer import TokenizerNotFoundError, find_tokenizer
     kind, max_length = spec
+    if tokenizer is False:  # the caller has none to give and wants no search (engine folders are closed)
+        return
     if tokenizer is None and ckpt is not None:
         try:
             tokenizer = find_tokenizer(Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent, kind, max_length)
@@ -228,27 +247,20 @@ def _attach_tokenizer(model, tokenizer, ckpt):
 
 
 def save_checkpoint(model: nn.Module, path, *, extra: dict | None = None):
-    """Write `model`'s state dict as a CompVis `.ckpt` ({"state_dict": ...}) or a `.safetensors` file.
-
-    Written to a temporary file in the same folder and renamed: never a half-written checkpoint.
-    """
+    """Write `model`'s state dict as a CompVis `.ckpt` ({"state_dict": ...}) or a `.safetensors` file,
+    atomically: never a half-written checkpoint."""
+    from .files import atomic_write
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            # safetensors refuses shared storage (e.g. first stage reused as cond stage): copy.
-            seen, flat = set(), {}
-            for k, v in sd.items():
-                key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-                flat[k] = v.clone() if key in seen else v
-                seen.add(key)
-            save_file(flat, tmp, metadata={"format": "pt", **{k: str(v) for k, v in (extra or {}).items()}})
-        else:
-            torch.save({"state_dict": sd, **(extra or {})}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        # safetensors refuses shared storage (e.g. first stage reused as cond stage): copy.
+        seen, flat = set(), {}
+        for k, v in sd.items():
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            flat[k] = v.clone() if key in seen else v
+            seen.add(key)
+        metadata = {"format": "pt", **{k: str(v) for k, v in (extra or {}).items()}}
+        atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+    else:
+        atomic_write(path, lambda tmp: torch.save({"state_dict": sd, **(extra or {})}, tmp))

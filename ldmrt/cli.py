@@ -1,4 +1,8 @@
-"""The `ldmrt` command: build engines, generate images, describe the machine and models."""
+"""The `ldmrt` command: build engines, generate images, run the demo, describe the machine and models.
+
+Every user mistake ends as `ldmrt CMD: error: MESSAGE` on stderr and exit status 2, never a traceback; an
+output is written only once the work succeeded, atomically.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import cache_root
+from .errors import LdmrtError
+
+DEMO_PROMPT = "a large red circle in the top left on a gray background"  # states every attribute the model follows
+DEMO_ENGINE = "engines/shapes"
+MAX_SEED = 2 ** 64 - 1
 
 
 def cmd_info(args) -> int:
@@ -20,96 +28,113 @@ def cmd_info(args) -> int:
 
 def cmd_build(args) -> int:
     from .engine import Engine
-    from .export.tensorrt import options_from_args
     Engine.build(args.model, args.output, ckpt=args.ckpt, fp16=args.fp16, backend=args.backend,
-                 random_weights=args.random_weights, tensorrt=options_from_args(args),
-                 onnx_fusions=args.onnx_fusions)
+                 random_weights=args.random_weights, tensorrt=tensorrt_options(args), onnx_fusions=args.onnx_fusions)
     return 0
 
 
-def engine_cache_dir(model: str, ckpt: str | None, backend: str) -> Path:
-    """One cached engine per (model, checkpoint file as it is now, backend)."""
-    import hashlib
-    key = str(model)
-    if ckpt:
-        st = Path(ckpt).stat()
-        key += f"|{Path(ckpt).resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(str(model)).stem)
-    return cache_root() / "engines" / f"{safe}-{backend}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
-def _open_engine(args):
-    """--engine DIR, or an engine for --model [--ckpt] built once into the cache and reused."""
-    from .engine import DEFAULT_MODEL, Engine, EngineError
-    if args.engine:
-        if args.ckpt:
-            raise ValueError("--ckpt goes with --model (an engine folder already holds its weights)")
-        return Engine.load(args.engine, device=args.device)
-    model = args.model or DEFAULT_MODEL
-    if args.ckpt and not Path(args.ckpt).exists():
-        raise FileNotFoundError(f"checkpoint {args.ckpt} does not exist")
-    cache = engine_cache_dir(model, args.ckpt, args.backend)
-    if cache.exists():
-        try:
-            return Engine.load(cache, verify=False, device=args.device)
-        except EngineError as e:
-            print(f"ldmrt: rebuilding the cached engine ({e})", file=sys.stderr)
-    Engine.build(model, cache, ckpt=args.ckpt, backend=args.backend)
-    return Engine.load(cache, verify=False, device=args.device)
-
-
-def write_png(image, path: Path, text: dict[str, str] | None = None):
-    """Save a PIL image as PNG with text chunks, through a temporary file: never a half-written image."""
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    for k, v in (text or {}).items():
-        info.add_text(k, v)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def cmd_generate(args) -> int:
+    from .engine import Engine
+    from .files import check_writable
+    out = check_writable(args.output)
+    if args.engine and args.ckpt:
+        raise LdmrtError("--ckpt goes with --model (an engine folder already holds its weights)")
     t0 = time.perf_counter()
-    engine = _open_engine(args)
+    if args.engine:
+        engine = Engine.load(args.engine, device=args.device)
+    else:
+        engine = Engine.open(args.model, ckpt=args.ckpt, backend=args.backend, device=args.device,
+                             progress=_stderr)
     t1 = time.perf_counter()
-    params = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
-                  guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, height=args.height,
-                  width=args.width, batch_size=args.batch_size, init_image=args.init_image, strength=args.strength,
-                  mask=args.mask, class_label=args.class_label, low_res_image=args.low_res_image,
-                  timestep_spacing=args.timestep_spacing)
-    images = engine.generate(args.prompt, **params, progress=not args.quiet)
+    images = engine.generate(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                             sampler=args.sampler, guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed,
+                             height=args.height, width=args.width, batch_size=args.batch_size,
+                             init_image=args.init_image, strength=args.strength, mask=args.mask,
+                             class_label=args.class_label, low_res_image=args.low_res_image,
+                             timestep_spacing=args.timestep_spacing, progress=not args.quiet)
     t2 = time.perf_counter()
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"prompt": args.prompt, **{k: v for k, v in params.items() if v is not None},
-              "engine": str(engine.path), "model": engine.manifest["model"].get("name"),
-              "backend": engine.manifest["backend"], "precision": engine.manifest["precision"],
-              "ldmrt": engine.manifest["ldmrt_version"]}
-    paths = []
-    for i, image in enumerate(images):
-        path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        command = shlex.join(["ldmrt", *(sys.argv[1:] if args.argv is None else args.argv)])
-        write_png(image, path, {"parameters": json.dumps({**record, "batch_index": i}), "ldmrt-command": command})
-        paths.append(str(path))
-    print(f"ldmrt generate: wrote {', '.join(paths)} ({images[0].width}x{images[0].height}, {args.steps} "
+    paths = write_images(images, out, args.argv)
+    print(f"ldmrt generate: wrote {', '.join(map(str, paths))} ({images[0].width}x{images[0].height}, {args.steps} "
           f"{args.sampler} steps) in {t2 - t1:.1f} s (+{t1 - t0:.1f} s loading {engine.path})")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import PROMPT, run_demo
-    run_demo(args.output, prompt=args.prompt or PROMPT, steps=args.steps, seed=args.seed)
+    """The README's main job: the shipped model's engine (built once into engines/shapes), one image."""
+    from .engine import DEFAULT_MODEL, Engine
+    from .files import check_writable
+    out = check_writable(args.output)
+    t0 = time.perf_counter()
+    engine = Engine.open(DEFAULT_MODEL, engine_dir=DEMO_ENGINE, progress=print)
+    t1 = time.perf_counter()
+    image = engine.generate(args.prompt or DEMO_PROMPT, steps=args.steps, seed=args.seed, progress=True)[0]
+    t2 = time.perf_counter()
+    write_images([image], out, args.argv)
+    print(f"ldmrt demo: wrote {out.resolve()} ({image.width}x{image.height}), prompt {args.prompt or DEMO_PROMPT!r}\n"
+          f"  engine: {engine.path} ({engine.manifest['backend']}, {engine.manifest['precision']}) in {t1 - t0:.1f} s\n"
+          f"  generate: {args.steps} DDIM steps with guidance, C++ sampler loop, in {t2 - t1:.1f} s")
     return 0
 
 
+def write_images(images, out: Path, argv) -> list[Path]:
+    """out.png, out-1.png, ...: each with its parameters and the command that made it."""
+    from .images import write_png
+    command = shlex.join(["ldmrt", *(sys.argv[1:] if argv is None else argv)])
+    return [write_png(image, out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}"),
+                      {"ldmrt-command": command}) for i, image in enumerate(images)]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# --- arguments -------------------------------------------------------------------------------------------
+def seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..2^64-1")
+    return value
+
+
+def add_tensorrt_arguments(parser) -> None:
+    """The `ldmrt build` flags of export.tensorrt.BuildOptions."""
+    g = parser.add_argument_group("TensorRT (--backend tensorrt)")
+    g.add_argument("--bf16", action="store_true", help="bf16 engines (TensorRT 10.x; --fp16 is the usual choice)")
+    for what, default in (("min", "1"), ("opt", "min"), ("max", "max(4, opt)")):
+        g.add_argument(f"--{what}-batch", type=int, help=f"{what} images per call (default {default}; the UNet's "
+                       "profile doubles it for guidance)")
+    for what, default in (("min", "half the model's size"), ("opt", "the model's size"), ("max", "twice it")):
+        g.add_argument(f"--{what}-size", type=int, help=f"{what} image height and width in pixels (default {default})")
+    g.add_argument("--refit", action="store_true", help="refittable engines (swap weights without a rebuild)")
+    g.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (default: in the user cache)")
+    g.add_argument("--no-timing-cache", action="store_true", help="build without a timing cache")
+
+
+def tensorrt_options(args):
+    """BuildOptions from parsed `ldmrt build` arguments; None for other backends (which take none of them)."""
+    given = {k: getattr(args, k) for k in ("min_batch", "opt_batch", "max_batch", "min_size", "opt_size", "max_size")
+             if getattr(args, k) is not None}
+    flags = {k: getattr(args, k) for k in ("bf16", "refit", "no_timing_cache") if getattr(args, k)}
+    if args.timing_cache is not None:
+        flags["timing_cache"] = args.timing_cache
+    if args.backend != "tensorrt":
+        if given or flags:
+            names = ", ".join("--" + k.replace("_", "-") for k in (*given, *flags))
+            raise ValueError(f"{names}: TensorRT options, for --backend tensorrt only")
+        return None
+    if args.no_timing_cache and args.timing_cache is not None:
+        raise ValueError("--timing-cache and --no-timing-cache exclude each other")
+    from .export.tensorrt import BuildOptions
+    return BuildOptions(**given, bf16=args.bf16, refit=args.refit,
+                        timing_cache=False if args.no_timing_cache else args.timing_cache)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .engine import BACKENDS
-    from .export.tensorrt import add_build_arguments as add_tensorrt_arguments
+    from .backends import BACKENDS
+    from .engine import DEFAULT_BACKEND
     from .sampling import SAMPLERS, SPACINGS
     parser = argparse.ArgumentParser(prog="ldmrt", description="A compiled inference runtime for Latent "
                                      "Diffusion Models.")
@@ -125,12 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "model)")
     p.add_argument("--ckpt", help=".ckpt, .safetensors or diffusers folder with the weights")
     p.add_argument("--fp16", action="store_true", help="reduced precision (fp16 graphs; bf16 on CPU torch)")
-    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
                    help="aoti: AOTInductor packages, also runnable from C++ hosts (examples/cpp)")
     p.add_argument("--random-weights", action="store_true", help="no checkpoint: random weights (testing)")
     p.add_argument("--onnx-fusions", choices=("cuda",), help="fuse onto ONNX Runtime's CUDA operators (the engine "
                    "then needs the CUDA execution provider; no fusion measured faster on CPUs)")
-    p.add_argument("-o", "--output", required=True, help="engine folder to write")
+    p.add_argument("-o", "--output", required=True, help="engine folder to write: new, empty, or an engine to "
+                   "replace (any other folder or file is refused)")
     add_tensorrt_arguments(p)
     p.set_defaults(func=cmd_build)
 
@@ -140,16 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--engine", help="an engine folder from `ldmrt build`")
     src.add_argument("--model", help="a model to build (once, cached) and run; default: the shipped model")
     p.add_argument("--ckpt", help="weights for --model")
-    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--timestep-spacing", default="uniform",
-                   choices=SPACINGS)
+    p.add_argument("--timestep-spacing", default="uniform", choices=SPACINGS)
     p.add_argument("--device", help="torch engines: cpu or cuda[:i] (default: CUDA when available)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (default 5 where the model supports it)")
     p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="0..2^64-1")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", type=int, default=1)
@@ -161,26 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-res-image", help="input of super-resolution models")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", default="out.png")
-    p.set_defaults(func=cmd_generate, argv=None)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the README's main job: build the shipped model's engine, generate an image")
     p.add_argument("prompt", nargs="?")
     p.add_argument("-o", "--output", default="out.png")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
+    # Arguments that are not UTF-8 arrive as surrogate escapes: echo them back escaped, never crash on them.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        args.argv = list(argv) if argv is not None else None
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
+    args.argv = list(argv) if argv is not None else None
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (LdmrtError, ValueError, OSError) as e:
         print(f"ldmrt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+
 PRESET_DIR = Path(__file__).with_name("presets")
+MAX_CONFIG_BYTES = 4 << 20  # configs are kilobytes; a larger file is something else
 ASSET_DIR = Path(__file__).with_name("assets")  # models that ship with their weights
 
 # CompVis target -> ldmrt class ("module:attr"). Anything else is refused with the list of targets.
@@ -31,10 +34,6 @@ TARGETS = {
     "ldm.modules.encoders.modules.SpatialRescaler": "ldmrt.models.conditioners:SpatialRescaler",
     "torch.nn.Identity": "torch.nn:Identity",
 }
-
-
-class ConfigError(ValueError):
-    """A model config that ldmrt cannot read or build."""
 
 
 def preset_names() -> list[str]:
@@ -58,12 +57,19 @@ def load_config(model: str | Path | dict) -> dict:
             path = PRESET_DIR / f"{model}.yaml"
         elif not path.suffix and (ASSET_DIR / str(model) / "config.yaml").exists():
             path = ASSET_DIR / str(model) / "config.yaml"
+        if path.is_dir() and (path / "model_index.json").is_file():
+            raise ConfigError(f"{path} is a diffusers folder: pass it as the model (or as the checkpoint)")
         if not path.is_file():
-            raise ConfigError(f"unknown model {str(model)!r}: not a preset ({', '.join(preset_names())}) "
-                              "and not a config.yaml file")
+            raise ConfigError(f"unknown model {str(model)!r}: presets are {', '.join(preset_names())}; or pass a "
+                              "CompVis config.yaml or a diffusers folder")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {path.stat().st_size >> 20} MB, not a model config (a YAML text file)")
         try:
-            cfg = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
+            cfg = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file, so not a model config (a CompVis config.yaml): did you "
+                              "pass the checkpoint as the config?") from None
+        except (yaml.YAMLError, RecursionError) as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if isinstance(cfg, dict) and "model" in cfg:
         cfg = cfg["model"]
@@ -74,16 +80,23 @@ def load_config(model: str | Path | dict) -> dict:
 
 
 def resolve_target(target: str):
-    if target not in TARGETS:
+    if not isinstance(target, str) or target not in TARGETS:
         raise ConfigError(f"unsupported target {target!r}; ldmrt builds: {', '.join(sorted(TARGETS))}")
     module, attr = TARGETS[target].split(":")
     return getattr(importlib.import_module(module), attr)
 
 
 def instantiate_from_config(cfg: dict):
+    if not isinstance(cfg, dict) or "target" not in cfg:
+        raise ConfigError(f"a model config needs `target` and `params`; got {type(cfg).__name__} {str(cfg)[:80]!r}")
     cls = resolve_target(cfg["target"])
     params = cfg.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"the params of {cfg['target']} must be a mapping, not {type(params).__name__}")
     try:
         return cls(**params)
-    except TypeError as e:
-        raise ConfigError(f"cannot build {cfg['target']} from its params: {e}") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, AssertionError,
+            RuntimeError, OverflowError) as e:  # a config the network cannot be built from, said where
+        raise ConfigError(f"cannot build {cfg['target']} from its params ({type(e).__name__}: {e})") from None

@@ -22,7 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__, cache_root
+from .files import cache_root
+from .version import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 

@@ -1,34 +1,9 @@
 """`ldmrt info`: what this machine can run, and what a model is made of."""
 from __future__ import annotations
 
-import importlib
-import platform
 import sys
-from pathlib import Path
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def _version(module: str) -> str | None:
-    try:
-        return getattr(importlib.import_module(module), "__version__", "unknown")
-    except Exception:  # a broken optional install must not break `info`
-        return None
-
-
-def cpu_features() -> dict:
-    flags = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    import torch
-    return {"machine": platform.machine(), "processor": platform.processor() or None,
-            "flags": {f: f in flags for f in CPU_FLAGS},
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+from .machine import cpu_features, library_version
 
 
 def backends() -> dict:
@@ -77,7 +52,7 @@ def system_info() -> dict:
     devices = [{"index": i, "name": torch.cuda.get_device_name(i),
                 "capability": ".".join(map(str, torch.cuda.get_device_capability(i)))}
                for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    versions = {name: _version(name) for name in ("ldmrt", "torch", "numpy", "onnx", "onnxruntime",
+    versions = {name: library_version(name) for name in ("ldmrt", "torch", "numpy", "onnx", "onnxruntime",
                                                    "triton", "tensorrt", "safetensors", "tokenizers")}
     versions["python"] = sys.version.split()[0]
     versions["torch_cuda"] = torch.version.cuda

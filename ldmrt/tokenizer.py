@@ -16,12 +16,10 @@ import torch
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
 
+from .errors import TokenizerNotFoundError
+
 BERT_FILES = ("vocab.txt",)
 CLIP_FILES = ("vocab.json", "merges.txt")
-
-
-class TokenizerNotFoundError(FileNotFoundError):
-    """The files a tokenizer is built from are missing."""
 
 
 class _PaddedTokenizer:

@@ -6,9 +6,6 @@ ldm/models/autoencoder.py imports pytorch_lightning and taming at top level; the
 pytorch_lightning with `LightningModule = nn.Module` (only the base class is used when building and
 running the models) and, when taming is absent, stubs its quantizer module so the KL model imports.
 """
-import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -18,14 +15,10 @@ from torch import nn
 
 from ldmrt.models.autoencoder import (AutoencoderKL, DiagonalGaussianDistribution, IdentityFirstStage, VectorQuantizer,
                                       VQModel, VQModelInterface)
+from helpers import has_real_taming, import_compvis, rel_l2
 
 ZOO = Path("/work/shared/reference/compvis-zoo")
 OURS = {cls.__name__: cls for cls in (AutoencoderKL, VQModel, VQModelInterface)}
-
-
-def rel_l2(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def first_stage_params(yaml_name):
@@ -196,29 +189,9 @@ def test_low_precision_matches_fp32(kind, dtype, tol):
 @pytest.fixture(scope="module")
 def compvis():
     """CompVis's ldm.models.autoencoder module, and whether the real taming quantizer backs it."""
-    src = os.environ.get("LDMRT_COMPVIS_SRC")
-    if not src:
-        pytest.skip("set LDMRT_COMPVIS_SRC to a CompVis latent-diffusion checkout to run parity tests")
     with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(src)
-        if os.environ.get("LDMRT_TAMING_SRC"):
-            mp.syspath_prepend(os.environ["LDMRT_TAMING_SRC"])
-        try:
-            import pytorch_lightning  # noqa: F401
-        except ImportError:
-            mp.setitem(sys.modules, "pytorch_lightning", types.SimpleNamespace(LightningModule=nn.Module))
-        try:
-            import taming.modules.vqvae.quantize  # noqa: F401
-            has_taming = True
-        except ImportError:
-            has_taming = False
-            stub = types.ModuleType("taming.modules.vqvae.quantize")
-            stub.VectorQuantizer2 = None
-            for name in ("taming", "taming.modules", "taming.modules.vqvae"):
-                mp.setitem(sys.modules, name, types.ModuleType(name))
-            mp.setitem(sys.modules, "taming.modules.vqvae.quantize", stub)
-        import ldm.models.autoencoder as module
-        yield module, has_taming
+        module = import_compvis(mp, "ldm.models.autoencoder")
+        yield module, has_real_taming()
 
 
 def randomize_(model):

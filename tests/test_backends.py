@@ -9,17 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from ldmrt import sampling
-from ldmrt.backends import OnnxRuntimeBackend, TorchBackend
+from ldmrt.backends.onnxruntime import OnnxRuntimeBackend
+from ldmrt.backends.torch import TorchBackend
 from ldmrt.backends.onnxruntime import best_providers
 from ldmrt.checkpoint import load_model
 from ldmrt.export.onnx import export_onnx
 from ldmrt.testing import reduced_config
+from helpers import rel_l2
 
 FP32_TOL = 1e-4
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def model_for(name: str):

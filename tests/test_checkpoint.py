@@ -112,8 +112,11 @@ def test_bad_requests_get_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         ldmrt.load_model("cin256", tmp_path / "missing.ckpt")
     (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):  # neither zip, pickle nor safetensors
         ldmrt.load_model("cin256", tmp_path / "x.ckpt")
+    (tmp_path / "z.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        ldmrt.load_model("cin256", tmp_path / "z.ckpt")
     torch.save({"weights": [1, 2]}, tmp_path / "y.ckpt")
     with pytest.raises(CheckpointError, match="holds no state dict"):
         read_state_dict(tmp_path / "y.ckpt")

@@ -1,7 +1,4 @@
 """Conditioners against their references: CompVis's encoders (x_transformer) and transformers' CLIPTextModel."""
-import os
-import sys
-import types
 
 import pytest
 import torch
@@ -11,17 +8,12 @@ from torch import nn
 from ldmrt.models.conditioners import (BERTEmbedder, ClassEmbedder, FrozenCLIPEmbedder, SpatialRescaler,
                                        TransformerEmbedder)
 from ldmrt.tokenizer import BertTokenizer, TokenizerNotFoundError
+from helpers import import_compvis, needs_compvis, rel_l2
 
-COMPVIS_SRC = os.environ.get("LDMRT_COMPVIS_SRC")
-needs_compvis = pytest.mark.skipif(not COMPVIS_SRC, reason="set LDMRT_COMPVIS_SRC to the CompVis latent-diffusion source")
 
 # BERTEmbedder params of the zoo configs: text2img256, txt2img-1p4B, layout2img-openimages256.
 ZOO_BERT_PARAMS = [dict(n_embed=640, n_layer=32), dict(n_embed=1280, n_layer=32),
                    dict(n_embed=512, n_layer=16, vocab_size=8192, max_seq_len=92, use_tokenizer=False)]
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @torch.no_grad()
@@ -39,11 +31,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 def compvis():
     """CompVis's ldm.modules.encoders.modules, with its unused top-level imports (clip, kornia) stubbed."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(COMPVIS_SRC)
-        for name in ("clip", "kornia"):
-            mp.setitem(sys.modules, name, types.ModuleType(name))
-        import ldm.modules.encoders.modules as modules
-    return modules
+        return import_compvis(mp, "ldm.modules.encoders.modules")
 
 
 # ---- BERTEmbedder / TransformerEmbedder ----

@@ -24,6 +24,7 @@ from PIL import Image
 import ldmrt
 import ldmrt.cpp
 from ldmrt.config import shipped_checkpoint
+from helpers import code_blocks, run_sh, substitute
 from ldmrt.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,24 +43,26 @@ def slow(test):
 
 THREADS = 1  # tests/conftest.py runs torch with one thread; the host is told the same
 @pytest.fixture(scope="module")
-def example(tmp_path_factory):
-    """libldmrt installed into a fresh prefix, and examples/cpp built against it with find_package."""
+def host(tmp_path_factory):
+    """examples/cpp/README.md's build block, run as a reader runs it: libldmrt built against the installed package
+    into a fresh prefix, the shipped model's aoti engine, the example built with find_package, one image."""
     work = tmp_path_factory.mktemp("cpp_host")
-    prefix = ldmrt.cpp.build(work / "prefix", quiet=True)
-    assert ldmrt.cpp.config_file(prefix).is_file()
-    build = work / "example"
-    for step in (["cmake", "-S", str(ROOT / "examples" / "cpp"), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}"],
-                 ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)]):
-        subprocess.run(step, check=True, capture_output=True)
-    return build / "ldmrt_generate"
+    _, block = [b for b in code_blocks("examples/cpp/README.md") if b[0] == "sh"][0]
+    run_sh(substitute(block, {"-S examples/cpp": f"-S {ROOT / 'examples' / 'cpp'}"}), work,
+           env={"LDMRT_CPP_PREFIX": str(work / "prefix")})
+    assert ldmrt.cpp.config_file(work / "prefix").is_file() and (work / "out.png").is_file()
+    return work
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
+def example(host):
+    return host / "build" / "example" / "ldmrt_generate"
+
+
+@pytest.fixture(scope="module")
+def engine_dir(host):
     """The shipped model's engine, as `ldmrt build --backend aoti` makes it."""
-    out = tmp_path_factory.mktemp("aoti_engine") / "engine"
-    Engine.build("shapes", out, backend="aoti", progress=None)
-    return out
+    return host / "engines" / "shapes"
 
 
 def run_host(example, engine_dir, out_png, prompt, **flags):

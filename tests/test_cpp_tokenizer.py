@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_clip_tokenizer
 from ldmrt.tokenizer import BertTokenizer, ClipTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,35 +66,12 @@ def random_texts(count=300, length=40, seed=0):
     return texts
 
 
-def clip_alphabet() -> dict[int, str]:
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = dict(zip(keep, map(chr, keep)))
-    for n, b in enumerate(b for b in range(256) if b not in table):
-        table[b] = chr(256 + n)
-    return dict(sorted(table.items()))
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("vocabs")
     (root / "bert").mkdir()
     (root / "bert" / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n", encoding="utf-8")
-    alphabet = clip_alphabet()
-    merges = []
-    for word in CLIP_WORDS:  # merges that assemble each word left to right, the last symbol ending in </w>
-        symbols = [alphabet[b] for b in word.encode("utf-8")]
-        symbols[-1] += "</w>"
-        left = symbols[0]
-        for right in symbols[1:]:
-            if (left, right) not in merges:
-                merges.append((left, right))
-            left += right
-    tokens = [*alphabet.values(), *(c + "</w>" for c in alphabet.values()), *("".join(m) for m in merges),
-              "<|startoftext|>", "<|endoftext|>"]
-    (root / "clip").mkdir()
-    (root / "clip" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (root / "clip" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
-                                              encoding="utf-8")
+    write_clip_tokenizer(root / "clip", CLIP_WORDS)
     return root
 
 

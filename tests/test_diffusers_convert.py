@@ -4,10 +4,7 @@ compute what the diffusers/transformers models compute (tiny random models, floa
 Needs the test extras diffusers and transformers (references only, never runtime dependencies).
 """
 import json
-import os
 import shutil
-import sys
-import types
 
 import pytest
 import torch
@@ -18,47 +15,10 @@ transformers = pytest.importorskip("transformers")
 from ldmrt.config import instantiate_from_config  # noqa: E402
 from ldmrt.diffusers_convert import convert_diffusers_folder  # noqa: E402
 from ldmrt.models import ops  # noqa: E402
+from helpers import import_compvis, model_index, needs_compvis, rel_l2, tiny_sd_components  # noqa: E402
 
 TOL = 1e-10
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _randomize(module: torch.nn.Module) -> torch.nn.Module:
-    # Default inits zero some outputs (or leave norms at identity): perturb everything so that every
-    # tensor, and so every renamed key, matters for the outputs compared.
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return module.eval()
-
-
-def _tiny_components():
-    torch.manual_seed(0)
-    # SD v1's block pattern on 3 levels: attention on the first two, none on the deepest, so both
-    # output-block upsampler positions (after a resnet, after an attention) occur.
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=12, bos_token_id=0, eos_token_id=2, pad_token_id=1))
-    return _randomize(unet), _randomize(vae), _randomize(text)
-
-
-def _model_index() -> dict:
-    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "PNDMScheduler"]}
 
 
 @pytest.fixture(autouse=True)
@@ -75,13 +35,13 @@ def group_norm_in_input_precision(monkeypatch):
 def sd_folder(tmp_path_factory):
     """(diffusers folder path, (unet, vae, text_encoder, scheduler) reference models in float64)."""
     root = tmp_path_factory.mktemp("diffusers") / "tiny-sd"
-    unet, vae, text = _tiny_components()
+    unet, vae, text = tiny_sd_components()
     scheduler = diffusers.PNDMScheduler(**SCHEDULE, skip_prk_steps=True)
     unet.save_pretrained(root / "unet")
     vae.save_pretrained(root / "vae")
     text.save_pretrained(root / "text_encoder")
     scheduler.save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps(_model_index()))
+    (root / "model_index.json").write_text(json.dumps(model_index()))
     return root, (unet.double(), vae.double(), text.double(), scheduler)
 
 
@@ -261,15 +221,10 @@ def test_unsupported_folders_raise(sd_folder, tmp_path, file, change, message):
         convert_diffusers_folder(root)
 
 
-@pytest.mark.skipif(not os.environ.get("LDMRT_COMPVIS_SRC"), reason="set LDMRT_COMPVIS_SRC to the CompVis source")
+@needs_compvis
 def test_keys_match_compvis_modules(converted, monkeypatch):
     """The converted UNet/VAE keys and shapes equal those of CompVis's own modules built from the config."""
-    monkeypatch.syspath_prepend(os.environ["LDMRT_COMPVIS_SRC"])
-    omegaconf = types.ModuleType("omegaconf")  # openaimodel imports ListConfig only for an isinstance
-    listconfig = types.ModuleType("omegaconf.listconfig")
-    listconfig.ListConfig = list
-    monkeypatch.setitem(sys.modules, "omegaconf", omegaconf)
-    monkeypatch.setitem(sys.modules, "omegaconf.listconfig", listconfig)
+    import_compvis(monkeypatch, "ldm.modules.diffusionmodules.openaimodel")
     from ldm.modules.diffusionmodules.model import Decoder, Encoder
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 

@@ -11,6 +11,7 @@ import ldmrt
 from ldmrt.engine import Engine, EngineError
 from ldmrt.sampling import randn, sample
 from ldmrt.testing import reduced_config
+from helpers import rel_l2
 
 WORDS = "a red green blue circle square on the left right of background".split()
 BACKENDS = ["torch", pytest.param("onnxruntime", marks=pytest.mark.filterwarnings("ignore"))]
@@ -22,11 +23,6 @@ def vocab(tmp_path_factory):
     d = tmp_path_factory.mktemp("vocab")
     (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     return d
-
-
-def rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def small(name, size=None):
@@ -58,7 +54,7 @@ def test_text_to_image_matches_eager(backend, vocab, tmp_path):
         c = model.get_learned_conditioning(["", "a red circle on the left"])
         return c
     ref = eager_latent(cfg, cond, (1, 4, 8, 8), seed=5, guidance=4.0, tokenizer=vocab)
-    assert rel(got, ref) < TOL[backend]
+    assert rel_l2(got, ref) < TOL[backend]
     images = engine.generate("a red circle on the left", steps=2, seed=5, batch_size=2)
     assert len(images) == 2 and images[0].size == (64, 64)
     again = Engine.load(tmp_path / "e").generate("a red circle on the left", steps=2, seed=5, batch_size=2)
@@ -71,7 +67,7 @@ def test_class_conditional_and_unconditional(backend, tmp_path):
     engine = Engine.build(cfg, tmp_path / "c", backend=backend, random_weights=True, progress=None)
     got = engine.generate(class_label=7, steps=4, output_type="latent")
     ref = eager_latent(cfg, lambda m: m.get_learned_conditioning(torch.tensor([7])), (1, 4, 8, 8))
-    assert rel(got, ref) < TOL[backend]
+    assert rel_l2(got, ref) < TOL[backend]
     with pytest.raises(ValueError, match="no unconditional input"):
         engine.generate(class_label=7, guidance_scale=3.0)
     with pytest.raises(ValueError, match="give class_label"):
@@ -80,7 +76,7 @@ def test_class_conditional_and_unconditional(backend, tmp_path):
     cfg = small("celeba256", size=8)
     engine = Engine.build(cfg, tmp_path / "u", backend=backend, random_weights=True, progress=None)
     got = engine.generate(steps=4, sampler="plms", output_type="latent")
-    assert rel(got, eager_latent(cfg, lambda m: None, (1, 3, 8, 8), sampler="plms")) < TOL[backend]
+    assert rel_l2(got, eager_latent(cfg, lambda m: None, (1, 3, 8, 8), sampler="plms")) < TOL[backend]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,7 +87,7 @@ def test_concat_models(backend, tmp_path):
     engine = Engine.build(cfg, tmp_path / "sr", backend=backend, random_weights=True, progress=None)
     low = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
     got = engine.generate(low_res_image=low, steps=4, output_type="latent")
-    assert rel(got, eager_latent(cfg, lambda m: low, (1, 3, 8, 8))) < TOL[backend]
+    assert rel_l2(got, eager_latent(cfg, lambda m: low, (1, 3, 8, 8))) < TOL[backend]
     assert engine.generate(low_res_image=low, steps=2, output_type="np").shape == (1, 32, 32, 3)
 
     cfg = small("inpainting_big", size=8)
@@ -110,7 +106,7 @@ def test_concat_models(backend, tmp_path):
     with torch.no_grad():
         ref = ref_model.decode_first_stage(ref_latent)
     ref = (1 - mask) * image + mask * ref
-    assert rel(torch.from_numpy(got).permute(0, 3, 1, 2), ((ref.clamp(-1, 1) + 1) / 2)) < 10 * TOL[backend]
+    assert rel_l2(torch.from_numpy(got).permute(0, 3, 1, 2), ((ref.clamp(-1, 1) + 1) / 2)) < 10 * TOL[backend]
     outside = torch.from_numpy(got)[0, :8].permute(2, 0, 1)
     assert torch.allclose(outside, ((image[0, :, :8] + 1) / 2), atol=1e-6)  # known pixels are kept
 

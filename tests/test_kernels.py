@@ -30,6 +30,7 @@ pytest.importorskip("triton")
 from ldmrt.kernels import attention as attention_kernel  # noqa: E402
 from ldmrt.kernels import group_norm as group_norm_kernel  # noqa: E402
 from ldmrt.models import ops  # noqa: E402
+from helpers import rel_l2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and (INTERPRETER_TOO_LATE or not attention_kernel.INTERPRETED):
@@ -46,11 +47,6 @@ def slow_size(full, reduced):
     if not SLOW:
         pytest.skip("slow: set LDMRT_SLOW=reduced (or LDMRT_SLOW=1 for full size)")
     return reduced if SLOW == "reduced" else full
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def randn(*shape, dtype=torch.float32, seed=0):
@@ -73,7 +69,7 @@ def test_cross_attention_ragged_lengths(head_dim, dtype):
     k, v = randn(1, 2, 77, head_dim, dtype=dtype, seed=2), randn(1, 2, 77, head_dim, dtype=dtype, seed=3)
     out = attention_kernel.attention(q, k, v)
     assert out.dtype == dtype and out.shape == q.shape
-    assert rel_err(out, sdpa64(q, k, v)) < TOLERANCE[dtype]
+    assert rel_l2(out, sdpa64(q, k, v)) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("head_dim", [40, 80, 160])
@@ -83,7 +79,7 @@ def test_padded_heads(head_dim, monkeypatch):
     assert attention_kernel.launch_meta(torch.float16, head_dim, False)["BLOCK_D2"] == 0
     q = randn(1, 2, 130, head_dim, dtype=torch.float16, seed=1)
     k, v = (randn(1, 2, 77, head_dim, dtype=torch.float16, seed=s) for s in (2, 3))
-    assert rel_err(attention_kernel.attention(q, k, v), sdpa64(q, k, v)) < TOLERANCE[torch.float16]
+    assert rel_l2(attention_kernel.attention(q, k, v), sdpa64(q, k, v)) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -91,7 +87,7 @@ def test_padded_heads(head_dim, monkeypatch):
 def test_causal_self_attention(head_dim, dtype):
     """CLIP's causal mask over 150 tokens: query blocks past the first must stop at their diagonal."""
     q, k, v = (randn(1, 2, 150, head_dim, dtype=dtype, seed=s) for s in (4, 5, 6))
-    assert rel_err(attention_kernel.attention(q, k, v, causal=True), sdpa64(q, k, v, causal=True)) < TOLERANCE[dtype]
+    assert rel_l2(attention_kernel.attention(q, k, v, causal=True), sdpa64(q, k, v, causal=True)) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("lengths", [(1, 1), (3, 3), (5, 2)])
@@ -100,7 +96,7 @@ def test_attention_tiny_lengths(lengths, causal):
     seq_q, seq_k = lengths
     q, k, v = randn(2, 3, seq_q, 24, seed=7), randn(2, 3, seq_k, 24, seed=8), randn(2, 3, seq_k, 24, seed=9)
     out = attention_kernel.attention(q, k, v, causal=causal)
-    assert rel_err(out, sdpa64(q, k, v, causal=causal)) < TOLERANCE[torch.float32]
+    assert rel_l2(out, sdpa64(q, k, v, causal=causal)) < TOLERANCE[torch.float32]
 
 
 def test_attention_strided_inputs():
@@ -110,7 +106,7 @@ def test_attention_strided_inputs():
     assert not q.is_contiguous()
     out = attention_kernel.attention(q, k, v)
     assert out.is_contiguous()
-    assert rel_err(out, sdpa64(q, k, v)) < TOLERANCE[torch.float16]
+    assert rel_l2(out, sdpa64(q, k, v)) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.slow
@@ -118,7 +114,7 @@ def test_attention_long_sequence():
     """SD's 64x64 self-attention length (4096 tokens, head dim 40); 1024 tokens when reduced."""
     tokens = slow_size(4096, 1024)
     q, k, v = (randn(1, 1, tokens, 40, dtype=torch.float16, seed=s) for s in (11, 12, 13))
-    assert rel_err(attention_kernel.attention(q, k, v), sdpa64(q, k, v)) < TOLERANCE[torch.float16]
+    assert rel_l2(attention_kernel.attention(q, k, v), sdpa64(q, k, v)) < TOLERANCE[torch.float16]
 
 
 # ---- group norm ----
@@ -149,7 +145,7 @@ def test_group_norm_matches_reference(case, dtype, channels_last, silu):
         ref = F.silu(ref)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous(memory_format=layout)
-    assert rel_err(out, ref) < TOLERANCE[dtype]
+    assert rel_l2(out, ref) < TOLERANCE[dtype]
 
 
 class GridSpy:
@@ -177,7 +173,7 @@ def test_group_norm_chunked(dtype, channels_last, monkeypatch):
     out = group_norm_kernel.group_norm(x, 2, weight, bias, 1e-6, silu=True, chunks=5)
     ref = F.silu(F.group_norm(x.double(), 2, weight.double(), bias.double(), 1e-6))
     assert spy.grids == [(2 * 2, 3)]
-    assert rel_err(out, ref) < TOLERANCE[dtype]
+    assert rel_l2(out, ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("chunks", [1, 4])
@@ -187,7 +183,7 @@ def test_group_norm_statistics_large_mean(chunks):
     x = 1000 + 0.01 * randn(2, 8, 64, 64, seed=23)
     out = group_norm_kernel.group_norm(x, 2, None, None, 1e-12, chunks=chunks)
     ref = F.group_norm(x.double(), 2, eps=1e-12)
-    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    assert rel_l2(out, ref) < TOLERANCE[torch.float32]
 
 
 # ---- dispatch (ops) and the kernels inside real modules ----
@@ -265,7 +261,7 @@ def test_spatial_transformer_with_kernels(monkeypatch):
     for p in block.proj_out.parameters():  # zero-initialised as in CompVis: give it weights to check through
         p.data.normal_(0, 0.1)
     out, ref = _run_both(block, randn(1, 32, 5, 7, seed=31), randn(1, 6, 24, seed=32), monkeypatch=monkeypatch)
-    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    assert rel_l2(out, ref) < TOLERANCE[torch.float32]
 
 
 def test_clip_text_encoder_causal_with_kernels(monkeypatch):
@@ -277,7 +273,7 @@ def test_clip_text_encoder_causal_with_kernels(monkeypatch):
                               intermediate_size=64).to(DEVICE).eval()
     ids = torch.randint(0, 100, (1, 77), generator=torch.Generator().manual_seed(33)).to(DEVICE)
     out, ref = _run_both(clip, ids, monkeypatch=monkeypatch)
-    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    assert rel_l2(out, ref) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.slow
@@ -293,4 +289,4 @@ def test_unet_with_kernels(monkeypatch):
     _randomise_norms(unet)
     x, t, context = randn(1, 4, size, size, seed=34), torch.tensor([500.0], device=DEVICE), randn(1, 5, 24, seed=35)
     out, ref = _run_both(lambda *a: unet(a[0], a[1], context=a[2]), x, t, context, monkeypatch=monkeypatch)
-    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    assert rel_l2(out, ref) < TOLERANCE[torch.float32]

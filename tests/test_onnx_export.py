@@ -18,6 +18,7 @@ from ldmrt.export.graphs import graphs_for, unet_downsampling
 from ldmrt.export.onnx import export_onnx
 from ldmrt.export.optimize import fuse
 from ldmrt.testing import reduced_config
+from helpers import rel_l2
 
 FP32_TOL = 1e-4
 FP16_TOL = 5e-3
@@ -28,10 +29,6 @@ SLOW_FAMILIES = ["txt2img", "bsr_sr", "layout2img-openimages256", "lsun_churches
                  "lsun_beds256", "semantic_synthesis512"]
 CONTRACT = {"cond_stage": (["cond"], ["context"]), "decoder": (["latent"], ["image"]),
             "encoder": (["image"], ["mean", "std"])}
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def model_for(name: str):

@@ -6,15 +6,12 @@ import torch
 
 pytest.importorskip("openvino")
 
-from ldmrt.backends import TorchBackend  # noqa: E402
+from ldmrt.backends.torch import TorchBackend  # noqa: E402
 from ldmrt.backends.openvino import OpenVinoBackend  # noqa: E402
 from ldmrt.checkpoint import load_model  # noqa: E402
 from ldmrt.export.onnx import export_onnx  # noqa: E402
 from ldmrt.testing import reduced_config  # noqa: E402
-
-
-def rel_l2(a, b):
-    return float((a - b).norm() / b.norm())
+from helpers import rel_l2
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +62,7 @@ def test_engine_backend_on_the_shipped_model(tmp_path):
     tests/test_shapes_model.py; `--fp16` (bf16 on this CPU, f32 on CPUs without bf16) still follows its prompt."""
     import numpy as np
 
-    from ldmrt import adherence
+    from ldmrt.testing import adherence
     from ldmrt.config import ASSET_DIR
     from ldmrt.engine import Engine
     golden = np.load(ASSET_DIR / "shapes" / "golden.npz")

@@ -1,27 +1,21 @@
-"""Sampler plans (C++ loop, ldmrt.sampling) against the float64 reference loops (ldmrt.sampling_reference).
+"""Sampler plans (C++ loop, ldmrt.sampling) against the float64 reference loops (ldmrt.testing.sampling_reference).
 
 Tolerances: relative L2 <= 1e-6 with float64 latents, <= 1e-5 with float32, on analytic toy denoisers and on a
 tiny random UNet. Parity with the CompVis DDIM/PLMS samplers themselves needs LDMRT_COMPVIS_SRC.
 """
-import os
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from ldmrt import sampling, sampling_reference as ref
+from ldmrt import sampling
+from ldmrt.testing import sampling_reference as ref
+from helpers import import_compvis, rel_l2
 
 T = 1000
 AC = sampling.make_alphas_cumprod("linear", T, 0.00085, 0.012)  # Stable Diffusion's schedule
 SHAPE = (2, 4, 8, 8)
 CASES = [(s, sp) for s in sampling.SAMPLERS for sp in sampling.SPACINGS]
-
-
-def rel_l2(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def gaussian_eps(mean, std):
@@ -252,13 +246,7 @@ def test_tiny_unet_plan_matches_reference(tiny_unet, data, sampler, dtype, tol):
 # --- parity with CompVis' own DDIMSampler / PLMSSampler (float32, their buffers are float32) ---
 
 def compvis_sampler_module(name):
-    src = os.environ.get("LDMRT_COMPVIS_SRC")
-    if not src:
-        pytest.skip("set LDMRT_COMPVIS_SRC to the CompVis latent-diffusion source to run CompVis parity")
-    sys.path.insert(0, src)
-    sys.modules.setdefault("tqdm", types.SimpleNamespace(tqdm=lambda it, **kw: it))
-    import importlib
-    return importlib.import_module(f"ldm.models.diffusion.{name}")
+    return import_compvis(pytest.MonkeyPatch(), f"ldm.models.diffusion.{name}")  # kept for the module's tests
 
 
 class FakeLatentDiffusion:

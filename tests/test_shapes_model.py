@@ -1,4 +1,4 @@
-"""The shipped `shapes` model (ldmrt/assets/shapes) and its prompt-adherence evaluator (ldmrt.adherence).
+"""The shipped `shapes` model (ldmrt/assets/shapes) and its prompt-adherence evaluator (ldmrt.testing.adherence).
 
 - The evaluator reads prompts of any wording and measures the procedural training images exactly
   (100% of the attributes on rendered scenes: it is a fair judge of the model).
@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 import ldmrt
-from ldmrt import adherence, sampling
+from ldmrt import sampling
+from ldmrt.testing import adherence
+from helpers import rel_l2
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "ldmrt" / "assets" / "shapes"
@@ -127,12 +129,16 @@ def test_shapes_is_the_default_model():
     assert DEFAULT_MODEL == "shapes" and shipped_checkpoint("shapes") == ASSETS / "model.ckpt"
 
 
-def test_demo_image_follows_its_prompt(tmp_path):
+def test_demo_image_follows_its_prompt(tmp_path, monkeypatch):
     """The README's main job: engine built from the shipped model, an image that obeys the default prompt."""
     from PIL import Image
 
-    from ldmrt.demo import PROMPT, run_demo
-    out = run_demo(tmp_path / "out.png", engine_dir=tmp_path / "engines" / "shapes")
+    from ldmrt.cli import DEMO_PROMPT as PROMPT
+    from ldmrt.cli import main
+    out = tmp_path / "out.png"
+    monkeypatch.chdir(tmp_path)  # the demo builds ./engines/shapes
+    assert main(["demo", "-o", str(out)]) == 0
+    assert (tmp_path / "engines" / "shapes" / "manifest.json").is_file()
     image = np.asarray(Image.open(out).convert("RGB"))
     assert image.shape == (64, 64, 3)
     assert all(adherence.score(PROMPT, image).values()), adherence.score(PROMPT, image)
@@ -150,11 +156,6 @@ def _golden():
     g = np.load(GOLDEN)
     return g, dict(sampler=str(g["sampler"]), steps=int(g["steps"]), guidance_scale=float(g["guidance"]),
                    seed=int(g["seed"]))
-
-
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_golden_latents_eager(model):

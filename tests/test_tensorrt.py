@@ -16,23 +16,22 @@ import pytest
 import torch
 
 import ldmrt
-from ldmrt import __version__
-from ldmrt.backends import tensorrt as trt_backend
-from ldmrt.backends.tensorrt import EngineError, check_fingerprint, check_shapes, import_tensorrt
-from ldmrt.engine import FORMAT, FORMAT_VERSION, Engine, model_summary
+from ldmrt.backends.tensorrt import EngineError, check_fingerprint, check_shapes
+from ldmrt.cli import tensorrt_options
+from ldmrt.engine import Engine
 from ldmrt.export import tensorrt as trt_export
+from ldmrt.export import trt as trt_common
+from ldmrt.export.trt import import_tensorrt
+from ldmrt.manifest import model_summary, new_manifest
 from ldmrt.export.graphs import graphs_for
 from ldmrt.export.tensorrt import (BuildOptions, build_engine, graph_profiles, network_typing, refit_engine,
                                    resolve_ranges)
 from ldmrt.testing import reduced_config
+from helpers import rel_l2
 
 WORDS = "a red green blue circle square on the left right of background".split()
-SD_SUMMARY = {"conditioning": "text", "latent_factor": 8, "size_multiple": 64, "default_size": 512}
-
-
-def rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).norm() / b.norm()).item()
+SD_SUMMARY = {"conditioning": "text", "latent_factor": 8, "size_multiple": 64, "default_size": 512,
+              "unconditional_input": True}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,8 @@ def test_default_ranges_follow_the_model():
     assert resolve_ranges(BuildOptions(min_batch=8), SD_SUMMARY).batch == (8, 8, 8)
     assert resolve_ranges(BuildOptions(max_batch=2), SD_SUMMARY).batch == (1, 1, 2)
     # Guidance exists for text models and class models with a null class only.
-    assert not resolve_ranges(BuildOptions(), {**SD_SUMMARY, "conditioning": "class", "uncond_class": None}).guidance
+    assert not resolve_ranges(BuildOptions(), {**SD_SUMMARY, "conditioning": "class", "uncond_class": None,
+                                                          "unconditional_input": False}).guidance
     assert resolve_ranges(BuildOptions(), {**SD_SUMMARY, "conditioning": "class", "uncond_class": 1000}).guidance
 
 
@@ -338,7 +338,7 @@ def no_tensorrt(monkeypatch):
 def stand_in(monkeypatch):
     trt = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(trt_backend, "_LOGGER", None)
+    monkeypatch.setattr(trt_common, "_LOGGER", None)
     return trt
 
 
@@ -355,12 +355,12 @@ def _engine_folder(path, device):
     path.mkdir()
     plan = path / "unet.plan"
     plan.write_bytes(b"PLAN")
-    summary = model_summary(ldmrt.load_model(reduced_config("celeba256"), random_weights=True),
-                            reduced_config("celeba256"))
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "ldmrt_version": __version__,
-                "backend": "tensorrt", "precision": "fp16", "model": {"name": "celeba256", "summary": summary},
-                "graphs": {"unet": {"file": "unet.plan", "profile": None}}, "device": device,
-                "files": {"unet.plan": {"bytes": 4, "sha256": hashlib.sha256(b"PLAN").hexdigest()}}}
+    cfg = reduced_config("celeba256")
+    summary = model_summary(ldmrt.load_model(cfg, random_weights=True), cfg)
+    manifest = new_manifest(path, backend="tensorrt", precision="fp16", model_name="celeba256", cfg=cfg,
+                            summary=summary, tokenizer=None, graphs={"unet": {"file": "unet.plan", "profile": None}},
+                            shapes=None, device=device)
+    assert manifest["files"] == {"unet.plan": {"bytes": 4, "sha256": hashlib.sha256(b"PLAN").hexdigest()}}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
 
@@ -371,7 +371,7 @@ def test_engine_load_picks_tensorrt_and_says_what_is_missing(tmp_path, monkeypat
     with pytest.raises(EngineError, match="built for NVIDIA H200.*no CUDA device"):
         Engine.load(_engine_folder(tmp_path / "gpu", BUILT))
     # Past that check (a manifest without the GPU), the TensorRT backend is the one chosen, and says why not.
-    folder = _engine_folder(tmp_path / "e", {"type": "unknown"})
+    folder = _engine_folder(tmp_path / "e", {"type": "cpu"})
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(EngineError, match="holds TensorRT engines; they need the tensorrt package"):
         Engine.load(folder)
@@ -384,12 +384,12 @@ def test_cli_tensorrt_options(capsys, no_tensorrt, tmp_path):
     from ldmrt.cli import build_parser, main
     args = build_parser().parse_args(["build", "--backend", "tensorrt", "--max-batch", "2", "--min-size", "256",
                                       "--bf16", "--refit", "--no-timing-cache", "-o", "x"])
-    assert trt_export.options_from_args(args) == BuildOptions(max_batch=2, min_size=256, bf16=True, refit=True,
+    assert tensorrt_options(args) == BuildOptions(max_batch=2, min_size=256, bf16=True, refit=True,
                                                               timing_cache=False)
     args = build_parser().parse_args(["build", "--max-batch", "2", "-o", "x"])
     with pytest.raises(ValueError, match="--max-batch: TensorRT options, for --backend tensorrt only"):
-        trt_export.options_from_args(args)
-    assert trt_export.options_from_args(build_parser().parse_args(["build", "-o", "x"])) is None
+        tensorrt_options(args)
+    assert tensorrt_options(build_parser().parse_args(["build", "-o", "x"])) is None
     # Without TensorRT, the build stops with the reason before exporting anything.
     out = tmp_path / "engine"
     assert main(["build", "--model", "no-such-model", "--random-weights", "--backend", "tensorrt", "-o", str(out)]) == 2
@@ -468,7 +468,7 @@ def test_refit_engine_arguments(tmp_path, no_tensorrt, monkeypatch):
 
 
 def test_refit_engine_updates_the_plan_and_the_manifest(stand_in, tmp_path, monkeypatch):
-    monkeypatch.setattr(trt_backend, "require_cuda", lambda purpose: None)  # the stand-in needs no GPU
+    monkeypatch.setattr(trt_export, "require_cuda", lambda purpose: None)  # the stand-in needs no GPU
     folder = _engine_folder(tmp_path / "e", BUILT)
     onnx = _onnx(tmp_path)
     refit_engine(folder / "unet.plan", onnx)
@@ -515,7 +515,7 @@ def test_engine_matches_eager(precision, vocab, tmp_path):
     with torch.no_grad():
         ref = sample(eps_fn, torch.from_numpy(randn(3, (1, 4, 8, 8))), sampler="ddim", steps=4,
                      alphas_cumprod=model.schedule_alphas_cumprod, guidance_scale=4.0, seed=3)
-    assert rel(got, ref) < TOL[precision]
+    assert rel_l2(got, ref) < TOL[precision]
     with pytest.raises(ValueError, match="--min-batch/--max-batch"):
         engine.generate("a red circle", steps=4, batch_size=3, height=64, width=64, output_type="latent")
 
@@ -532,9 +532,9 @@ def test_cuda_graph_replays_match_eager_runs(tmp_path):
         x, t = torch.randn(batch, 3, 16, 16, generator=g), torch.full((batch,), 500.0)
         out, ref = graphs.run("unet", x=x, t=t)["eps"], eager.run("unet", x=x, t=t)["eps"]
         assert out.device.type == "cpu" and out.dtype == torch.float32
-        assert rel(out, ref) < 1e-6, (batch, seed)
+        assert rel_l2(out, ref) < 1e-6, (batch, seed)
         on_gpu = graphs.run("unet", x=x.cuda(), t=t.cuda())["eps"]  # CUDA in, CUDA out
-        assert on_gpu.is_cuda and rel(on_gpu.cpu(), ref) < 1e-6
+        assert on_gpu.is_cuda and rel_l2(on_gpu.cpu(), ref) < 1e-6
     sigs = graphs.engines["unet"].signatures
     assert len(sigs) == 2 and all(s.graph is not None for s in sigs.values())
 
@@ -554,4 +554,4 @@ def test_refit_swaps_weights(tmp_path):
     after = Engine.load(engine.path).backend.run("unet", x=x, t=t)["eps"]  # the manifest still verifies
     with torch.no_grad():
         ref = other.apply_model(x, t, None)
-    assert rel(after, ref) < 1e-3 and rel(before, ref) > 0.1
+    assert rel_l2(after, ref) < 1e-3 and rel_l2(before, ref) > 0.1

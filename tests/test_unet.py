@@ -3,9 +3,6 @@
 Parity tests need the CompVis latent-diffusion source: set LDMRT_COMPVIS_SRC to its root.
 """
 import copy
-import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import yaml
 from torch import nn
 
 from ldmrt.models.unet import UNetModel
+from helpers import import_compvis, rel_l2
 
 PRESETS = Path(__file__).resolve().parents[1] / "ldmrt" / "presets"
 CONTEXT_LEN = 5
@@ -93,11 +91,6 @@ def make_inputs(params, dtype, batch=2, seed=0):
     return inputs
 
 
-def rel_l2(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def preset_unet_params(name):
     return yaml.safe_load((PRESETS / name).read_text())["model"]["params"]["unet_config"]["params"]
 
@@ -164,20 +157,8 @@ def test_low_precision_cast_close_to_fp32(name):
 
 @pytest.fixture(scope="module")
 def compvis():
-    src = os.environ.get("LDMRT_COMPVIS_SRC")
-    if not src:
-        pytest.skip("set LDMRT_COMPVIS_SRC to the CompVis latent-diffusion source to run parity tests")
     with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(src)
-        try:
-            import omegaconf.listconfig  # noqa: F401  (UNetModel imports it when context_dim is set)
-        except ImportError:
-            listconfig = types.ModuleType("omegaconf.listconfig")
-            listconfig.ListConfig = type("ListConfig", (list,), {})
-            mp.setitem(sys.modules, "omegaconf", types.ModuleType("omegaconf"))
-            mp.setitem(sys.modules, "omegaconf.listconfig", listconfig)
-        from ldm.modules.diffusionmodules import openaimodel
-        yield openaimodel
+        yield import_compvis(mp, "ldm.modules.diffusionmodules.openaimodel")
 
 
 def test_compvis_zoo_state_dict_layout(compvis):

@@ -5,7 +5,7 @@ import torch
 
 import ldmrt
 from ldmrt.checkpoint import save_checkpoint
-from ldmrt.config import load_config, preset_names
+from ldmrt.config import preset_names
 from ldmrt.info import model_info
 from ldmrt.testing import reduced_config
 

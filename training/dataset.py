@@ -3,7 +3,7 @@
 A scene is a background colour and one or two shapes (colour, kind, size, position on a 3x3 grid, with
 a few pixels of jitter), drawn antialiased with PIL. Its caption is written from the scene with a
 randomly chosen wording: synonyms, articles, phrase order, and optional attributes. The attribute
-names, colours and positions come from `ldmrt.adherence`, the evaluator, so what is trained is what
+names, colours and positions come from `ldmrt.testing.adherence`, the evaluator, so what is trained is what
 is measured.
 
 Wordings are split by template: TRAIN_TEMPLATES are used for training, HELDOUT_TEMPLATES (other phrase
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldmrt.adherence import BACKGROUNDS, POSITIONS, RES, SHAPE_COLOURS, SHAPES, SIZES
+from ldmrt.testing.adherence import BACKGROUNDS, POSITIONS, RES, SHAPE_COLOURS, SHAPES, SIZES
 
 SUPERSAMPLE = 4  # drawn at 4x and downsampled: antialiased edges
 RADIUS = {"small": (6.0, 8.0), "large": (13.0, 16.0)}  # half the bounding-box side, pixels at RES

@@ -1,10 +1,10 @@
 """Prompt adherence of the `shapes` model on held-out wordings, per backend, sampler and step count.
 
 Prompts come from dataset.HELDOUT_TEMPLATES (phrase orders never used in training) and state every
-attribute; `ldmrt.adherence` parses each prompt and measures each image. Prompt i uses seed i.
+attribute; `ldmrt.testing.adherence` parses each prompt and measures each image. Prompt i uses seed i.
 
 Backends:
-  eager-fp32, eager-bf16   ldmrt.load_model + the C++ sampling loop (ldmrt.adherence.eager_generate)
+  eager-fp32, eager-bf16   ldmrt.load_model + the C++ sampling loop (ldmrt.testing.adherence.eager_generate)
   onnxruntime-fp32         an engine built with `Engine.build(backend="onnxruntime")`
   torch-bf16               an engine built with `Engine.build(backend="torch", fp16=True)` (bf16 on CPU)
 
@@ -23,7 +23,7 @@ import torch
 
 import dataset
 import ldmrt
-from ldmrt import adherence
+from ldmrt.testing import adherence
 
 ASSETS = Path(ldmrt.__file__).with_name("assets") / "shapes"
 BACKENDS = ("eager-fp32", "eager-bf16", "onnxruntime-fp32", "torch-bf16")

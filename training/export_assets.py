@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import ldmrt
-from ldmrt import adherence
+from ldmrt.testing import adherence
 
 ASSETS = Path(ldmrt.__file__).with_name("assets") / "shapes"
 GOLDEN = dict(prompt="in the top left, a large red circle on a white background", sampler="ddim", steps=10,

@@ -35,8 +35,9 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dataset
-from ldmrt import adherence
+from ldmrt.testing import adherence
 from ldmrt.config import instantiate_from_config, load_config
+from ldmrt.files import atomic_write
 from ldmrt.tokenizer import BertTokenizer
 
 CONFIG = Path(__file__).with_name("shapes.yaml")
@@ -118,9 +119,7 @@ def export(model, ema: Ema, cfg: dict, out: Path):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(SCHEDULE_PREFIXES)}
     sd.update({k: v.clone() for k, v in ema.shadow.items()})
     sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    tmp = out / ".model.ckpt.tmp"
-    torch.save({"state_dict": sd}, tmp)
-    tmp.replace(out / "model.ckpt")
+    atomic_write(out / "model.ckpt", lambda tmp: torch.save({"state_dict": sd}, tmp))
     (out / "config.yaml").write_text(
         "# The shipped `shapes` model: see training/README.md (written by training/train_ldm.py).\n"
         + yaml.safe_dump({"model": cfg}, sort_keys=False))

@@ -19,7 +19,7 @@
 6. engine  the product path: the shipped model's torch engine built with --fp16 and loaded on this device
            (on CUDA: fp16, channels-last, Triton kernels, the UNet from a CUDA graph), Engine.generate for
            the demo prompt (20 DDIM steps), its latent against the fp32 engine on the CPU and its image
-           scored by ldmrt.adherence.
+           scored by ldmrt.testing.adherence.
 7. tiles   fp16 attention at the shapes of 3. with other tile configs in place of the defaults in
            attention.TILES, and with attention.SPLIT_HEADS flipped, to tune both (chosen without a GPU:
            ldmrt.kernels.resources): time and error of each; registers, spills and shared memory of the
@@ -382,8 +382,8 @@ def engine_run(device, budget) -> list[dict]:
 
     import torch
 
-    from ldmrt.adherence import score
-    from ldmrt.demo import PROMPT
+    from ldmrt.testing.adherence import score
+    from ldmrt.cli import DEMO_PROMPT as PROMPT
     from ldmrt.engine import DEFAULT_MODEL, Engine
 
     if budget.left() < 0:
@@ -489,9 +489,8 @@ def main():
     print_table(results)
     out = args.out or ROOT / "results" / ("bench_gpu-cpu-check.json" if args.cpu_check else "bench_gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")  # written whole or not at all
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out)
+    from ldmrt.files import atomic_write
+    atomic_write(out, json.dumps(results, indent=1))  # written whole or not at all
     print(f"\nwrote {out} ({results['seconds']} s)")
     failed = [r for r in results["checks"] if r["kind"] == "check" and not r["ok"]]
     sys.exit(1 if failed else 0)

@@ -1,18 +1,43 @@
-"""Backends run the graphs of the export/graphs.py contract ("cond_stage", "unet", "decoder", "encoder").
+"""Backends run an engine's graphs (the export/graphs.py contract: "cond_stage", "unet", "decoder", "encoder").
 
-Every backend has `.graphs` (the names it holds) and `.run(graph, **inputs) -> {output name: float32 CPU
-tensor}`; inputs are CPU torch tensors (float32 or int64), which the backend casts to its precision.
+A backend is one module here, registered by its name in BACKENDS. Each module declares
+    NAME       its name in `ldmrt build --backend` and the manifest
+    EXTRA      the pip extra that installs its runtime (None: nothing beyond ldmrt)
+    REQUIRES   the modules it imports, checked before a build loads any weights
+    OPTIONS    the keyword options of `Engine.build` it takes (e.g. "tensorrt", "onnx_fusions")
+    export(model, out, *, summary, fp16, progress, **options) -> Exported   writes its graph files
+    load(folder, manifest, *, device, providers, threads) -> Backend        opens them
+and may define check_build() (what the machine lacks, said before any weights load). Modules import their
+runtime lazily, so that the registry can be read where a runtime is missing. The runtime objects share one
+interface, `base.Backend`: `.graphs`, `.device`, `.run(graph, **inputs)`.
 """
-from .torch import TorchBackend
+from __future__ import annotations
+
+import importlib
+
+from ..errors import EngineError
+
+BACKENDS = ("onnxruntime", "openvino", "torch", "aoti", "tensorrt")
 
 
-def __getattr__(name):
-    # onnxruntime is an optional dependency: imported only when its backend is asked for.
-    if name == "OnnxRuntimeBackend":
-        from .onnxruntime import OnnxRuntimeBackend
+def backend_module(name: str):
+    """The module of backend `name`, or EngineError listing the backends there are."""
+    if name not in BACKENDS:
+        raise EngineError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    assert module.NAME == name, (module.NAME, name)
+    return module
 
-        return OnnxRuntimeBackend
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-__all__ = ["TorchBackend", "OnnxRuntimeBackend"]
+def check_available(name: str, purpose: str | None = None):
+    """The module of backend `name` after checking that its runtime is installed (EngineError with the pip
+    command otherwise)."""
+    module = backend_module(name)
+    for required in module.REQUIRES:
+        try:
+            importlib.import_module(required)
+        except ImportError as e:
+            fix = f"pip install 'ldmrt[{module.EXTRA}]'" if module.EXTRA else "pip install " + required
+            raise EngineError(f"{purpose or 'the ' + name + ' backend'} needs {', '.join(module.REQUIRES)} ({e}): "
+                              f"{fix}, or use --backend torch") from None
+    return module

@@ -10,30 +10,39 @@ from pathlib import Path
 
 import torch
 
-from .torch import check_inputs
+from ..manifest import graph_files
+from .base import Backend, Exported
+
+NAME = "aoti"
+EXTRA = None
+REQUIRES = ()
+OPTIONS = ()
 
 
-class AotiBackend:
-    def __init__(self, graphs: dict[str, dict], folder: str | Path, device: str = "cpu"):
-        """graphs: the manifest's {graph: {"file", "inputs", "outputs"}} (export.aoti.export_aoti)."""
+def export(model, out, *, summary, fp16, progress) -> Exported:
+    from ..export.aoti import MAX_BATCH, MAX_LATENT, export_aoti
+    graphs = export_aoti(model, out, fp16=fp16, progress=progress)
+    # MAX_BATCH bounds the UNet's batch, which guidance doubles.
+    return Exported("fp16" if fp16 else "fp32", graphs, "cpu", {
+        "batch": [1, MAX_BATCH // 2], "size_multiple": summary["size_multiple"],
+        "max_size": MAX_LATENT * summary["latent_factor"]})
+
+
+def load(folder, manifest, **_) -> "AotiBackend":
+    return AotiBackend(manifest["graphs"], graph_files(folder, manifest))
+
+
+class AotiBackend(Backend):
+    def __init__(self, graphs: dict[str, dict], files: dict[str, Path], device: str = "cpu"):
+        """graphs: the manifest's {graph: {"file", "inputs", "outputs"}} (export.aoti.export_aoti); files: their
+        checked paths."""
         from torch._inductor import aoti_load_package
 
-        folder = Path(folder)
+        super().__init__({name: (g["inputs"], g["outputs"]) for name, g in graphs.items()})
         self.device = torch.device(device)
-        self._specs = graphs
-        self._packages = {name: aoti_load_package(str(folder / g["file"])) for name, g in graphs.items()}
+        self._packages = {name: aoti_load_package(str(files[name])) for name in graphs}
 
-    @property
-    def graphs(self) -> tuple[str, ...]:
-        return tuple(self._packages)
-
-    def run(self, graph: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if graph not in self._packages:
-            raise KeyError(f"no graph {graph!r} in this engine; it has {', '.join(self._packages)}")
-        spec = self._specs[graph]
-        check_inputs(graph, spec["inputs"], inputs)
-        args = [inputs[name].to(self.device).contiguous() for name in spec["inputs"]]
+    def _run(self, graph: str, inputs: list[torch.Tensor]):
         with torch.inference_mode():
-            outputs = self._packages[graph](*args)
-        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        return {name: out.to("cpu", torch.float32) for name, out in zip(spec["outputs"], outputs)}
+            outputs = self._packages[graph](*[x.to(self.device).contiguous() for x in inputs])
+        return outputs if isinstance(outputs, (tuple, list)) else (outputs,)

@@ -12,20 +12,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import openvino as ov
 import torch
 
-from .torch import check_inputs
+from ..errors import EngineError
+from ..manifest import graph_files
+from .base import Backend, Exported
 
+NAME = "openvino"
+EXTRA = "openvino"
+REQUIRES = ("onnx", "openvino")
+OPTIONS = ()
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 
 
-class OpenVinoBackend:
+def export(model, out, *, summary, fp16, progress) -> Exported:
+    """fp32 graphs: OpenVINO's CPU plugin lowers them to bf16 itself when asked (the fastest CPU path measured,
+    benchmarks/README.md), keeping its own fp32 islands."""
+    from ..export.onnx import export_onnx
+    return Exported("bf16" if fp16 else "fp32", export_onnx(model, out), "cpu")
+
+
+def load(folder, manifest, *, threads=None, **_) -> "OpenVinoBackend":
+    """threads: OpenVINO's inference threads (default: one per physical core)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError as e:
+        raise EngineError(f"{folder} is an openvino engine and openvino is not installed ({e}): "
+                          f"pip install 'ldmrt[{EXTRA}]'") from None
+    return OpenVinoBackend(graph_files(folder, manifest), precision=manifest["precision"], threads=threads)
+
+
+class OpenVinoBackend(Backend):
     def __init__(self, graph_files: dict, precision: str = "fp32", threads: int | None = None):
         """graph_files: {graph name: path of its .onnx}. threads: inference threads (None: OpenVINO's default,
         one per physical core)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: OpenVINO's CPU backend runs {', '.join(PRECISIONS)}")
+        import openvino as ov
         self.precision = precision
         self.core = ov.Core()
         self.config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
@@ -34,36 +57,28 @@ class OpenVinoBackend:
         # Only the compiled models are kept: a read model holds the fp32 weights (3.4 GB for SD's UNet), so
         # it is read again from its file when a new shape is compiled.
         self.files = {name: str(Path(path)) for name, path in graph_files.items()}
-        self.input_names, self.output_names = {}, {}
+        io = {}
         for name, path in self.files.items():
             model = self.core.read_model(path)
-            self.input_names[name] = [i.get_any_name() for i in model.inputs]
-            self.output_names[name] = [o.get_any_name() for o in model.outputs]
-        self._compiled: dict[tuple, ov.InferRequest] = {}
+            io[name] = ([i.get_any_name() for i in model.inputs], [o.get_any_name() for o in model.outputs])
+        super().__init__(io)
+        self._compiled = {}  # (graph, input shapes) -> openvino InferRequest
         self.compiled_precision: str | None = None
 
-    @property
-    def graphs(self) -> tuple[str, ...]:
-        return tuple(self.files)
-
-    def run(self, graph: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if graph not in self.files:
-            raise KeyError(f"no graph {graph!r} in this engine; it has {', '.join(self.files)}")
-        names = self.input_names[graph]
-        check_inputs(graph, names, inputs)
-        feeds = [inputs[n].detach().cpu().numpy() for n in names]
+    def _run(self, graph: str, inputs: list[torch.Tensor]):
+        feeds = [x.detach().cpu().numpy() for x in inputs]
         request = self._request(graph, tuple(tuple(f.shape) for f in feeds))
         request.infer(feeds)
-        return {name: torch.from_numpy(request.get_output_tensor(i).data.copy()).float()
-                for i, name in enumerate(self.output_names[graph])}
+        return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(len(self._io[graph][1]))]
 
-    def _request(self, graph: str, shapes: tuple) -> ov.InferRequest:
+    def _request(self, graph: str, shapes: tuple):
         """The graph compiled for these input shapes (compiled on first use, then kept; a
         sampling loop reuses one shape)."""
+        import openvino as ov
         key = (graph, shapes)
         if key not in self._compiled:
             model = self.core.read_model(self.files[graph])
-            model.reshape({name: ov.PartialShape(list(shape)) for name, shape in zip(self.input_names[graph], shapes)})
+            model.reshape({name: ov.PartialShape(list(shape)) for name, shape in zip(self._io[graph][0], shapes)})
             compiled = self.core.compile_model(model, "CPU", self.config)
             # what the plugin really runs: a CPU without bf16 instructions falls back to f32
             self.compiled_precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()

@@ -28,62 +28,38 @@ Nothing in this module has run on a GPU with TensorRT yet (see the README); what
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..engine import EngineError
-from .torch import check_inputs
+from ..errors import EngineError
+from ldmrt.export.trt import fingerprint, import_tensorrt, refit, require_cuda, trt_logger
+from ..manifest import graph_files
+from .base import Backend, Exported
 
-MIN_TENSORRT = (10, 0)  # execute_async_v3, int64 I/O tensors, USER_MANAGED context memory, OnnxParserRefitter
-INSTALL = "pip install tensorrt (NVIDIA GPUs on Linux or Windows; the version must match the CUDA of the driver)"
-
-
-def import_tensorrt(purpose: str = "TensorRT engines"):
-    """The tensorrt module, or an EngineError saying why it cannot be used and how to fix that."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise EngineError(f"{purpose} need the tensorrt package, which is not installed here ({e}): {INSTALL}; "
-                          f"or use --backend onnxruntime") from None
-    if _version_tuple(trt.__version__) < MIN_TENSORRT:
-        raise EngineError(f"{purpose} need TensorRT >= {'.'.join(map(str, MIN_TENSORRT))}; this is "
-                          f"{trt.__version__}: pip install --upgrade tensorrt")
-    return trt
+NAME = "tensorrt"
+EXTRA = None  # the tensorrt wheel must match the CUDA of the driver: installed by hand (INSTALL)
+REQUIRES = ()  # checked with the reason by check_build (import_tensorrt, require_cuda)
+OPTIONS = ("tensorrt",)
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+def check_build():
+    """What this machine lacks to build TensorRT engines, said before any weights load."""
+    from ..export.tensorrt import check_build_environment
+    check_build_environment()
 
 
-_LOGGER = None
+def export(model, out, *, summary, fp16, progress, tensorrt=None) -> Exported:
+    """tensorrt: export.tensorrt.BuildOptions (shape ranges, bf16, refit, timing cache)."""
+    from ..export.tensorrt import export_tensorrt
+    return Exported(*export_tensorrt(model, out, summary=summary, fp16=fp16, options=tensorrt, progress=progress))
 
 
-def trt_logger(trt):
-    """One logger for every builder, runtime and refitter (TensorRT warns when they differ)."""
-    global _LOGGER
-    if _LOGGER is None:
-        _LOGGER = trt.Logger(trt.Logger.WARNING)
-    return _LOGGER
-
-
-def require_cuda(purpose: str) -> None:
-    if not torch.cuda.is_available():
-        why = "this torch is a CPU build" if torch.version.cuda is None else "torch sees no CUDA device"
-        raise EngineError(f"{purpose} run on NVIDIA GPUs and {why}: install a CUDA build of torch on a machine with "
-                          f"an NVIDIA GPU, or use --backend onnxruntime")
-
-
-def fingerprint(trt, device=None) -> dict:
-    """What a TensorRT engine is tied to: the GPU model, its compute capability and the TensorRT version."""
-    index = torch.device("cuda" if device is None else device).index
-    index = torch.cuda.current_device() if index is None else index
-    return {"type": "cuda", "name": torch.cuda.get_device_name(index),
-            "capability": ".".join(map(str, torch.cuda.get_device_capability(index))), "tensorrt": trt.__version__}
-
+def load(folder, manifest, *, device=None, **_) -> "TensorRTBackend":
+    """Checks TensorRT, CUDA and the engine's fingerprint before deserializing anything."""
+    return TensorRTBackend.from_manifest(Path(folder), manifest, device=device)
 
 def check_fingerprint(built: dict, here: dict, where) -> None:
     """Raise EngineError when an engine built on `built` (a manifest "device") cannot run on `here`.
@@ -129,22 +105,6 @@ def torch_dtype(trt, dtype) -> torch.dtype:
     return table[dtype]
 
 
-def refit(trt, engine, onnx_path: Path) -> None:
-    """Replace the weights of a deserialized refittable `engine` by those of `onnx_path` (same graph)."""
-    if not engine.refittable:
-        raise EngineError("this TensorRT engine was built without refit support: rebuild it with --refit")
-    logger = trt_logger(trt)
-    refitter = trt.Refitter(engine, logger)
-    parser = trt.OnnxParserRefitter(refitter, logger)
-    if not parser.refit_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineError(f"TensorRT could not take the weights of {onnx_path}: {errors} (the ONNX graph must be the "
-                          f"one the engine was built from, in the same precision, with other weights)")
-    if not refitter.refit_cuda_engine():
-        raise EngineError(f"TensorRT refit from {onnx_path} failed; weights still missing: "
-                          f"{list(refitter.get_missing_weights())}")
-
-
 @dataclass
 class _Signature:
     """One input signature of a graph: its execution context, static buffers and captured CUDA graph."""
@@ -179,7 +139,7 @@ class _GraphEngine:
         return e.device_memory_size_v2 if hasattr(e, "device_memory_size_v2") else e.device_memory_size
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     """Runs an engine folder's TensorRT plans: `.run(graph, **inputs)` as every ldmrt backend."""
 
     def __init__(self, files: dict[str, Path], profiles: dict[str, dict | None] | None = None, *, device=None,
@@ -197,6 +157,7 @@ class TensorRTBackend:
             # 256-byte alignment is required; the caching allocator hands out 512-byte aligned blocks.
             self._scratch = torch.empty(max([e.memory_size() for e in self.engines.values()] + [1]),
                                         dtype=torch.uint8, device=self.device)
+        super().__init__({name: (e.inputs, e.outputs) for name, e in self.engines.items()})
 
     @classmethod
     def from_manifest(cls, path: Path, manifest: dict, **kwargs) -> "TensorRTBackend":
@@ -204,18 +165,13 @@ class TensorRTBackend:
         trt = import_tensorrt(f"{path} holds TensorRT engines; they")
         require_cuda(f"{path} holds TensorRT engines; they")
         check_fingerprint(manifest.get("device", {}), fingerprint(trt, kwargs.get("device")), path)
-        graphs = manifest["graphs"]
-        return cls({g: path / d["file"] for g, d in graphs.items()}, {g: d.get("profile") for g, d in graphs.items()},
-                   **kwargs)
+        return cls(graph_files(path, manifest), {g: d.get("profile") for g, d in manifest["graphs"].items()}, **kwargs)
 
     # --- running --------------------------------------------------------------------------------
-    def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
-        eng = self.engines.get(graph)
-        if eng is None:
-            raise KeyError(f"no graph {graph!r} in this engine; it has {', '.join(self.engines)}")
-        check_inputs(graph, eng.inputs, inputs)
-        tensors = {n: torch.as_tensor(x) for n, x in inputs.items()}
-        on_device = all(x.is_cuda for x in tensors.values())
+    def _run(self, graph: str, inputs: list[torch.Tensor]):
+        eng = self.engines[graph]
+        tensors = dict(zip(eng.inputs, inputs))
+        on_device = all(x.is_cuda for x in inputs)
         shapes = {n: tuple(x.shape) for n, x in tensors.items()}
         if eng.profile:
             check_shapes(graph, eng.profile, shapes)
@@ -228,10 +184,10 @@ class TensorRTBackend:
                     sig.buffers[n].copy_(tensors[n], non_blocking=True)
                 self._execute(eng, sig)
                 if not on_device:  # a blocking copy: the results are complete when it returns
-                    return {n: sig.buffers[n].to("cpu", torch.float32) for n in eng.outputs}
+                    return [sig.buffers[n].to("cpu", torch.float32) for n in eng.outputs]
             caller.wait_stream(self.stream)
-            # Copies made on the caller's stream: the static buffers are overwritten by the next call.
-            return {n: sig.buffers[n].to(torch.float32, copy=True) for n in eng.outputs}
+            # The static buffers: Backend.run copies them on the caller's stream (the next call overwrites them).
+            return [sig.buffers[n] for n in eng.outputs]
 
     def _signature(self, eng: _GraphEngine, shapes: dict) -> _Signature:
         key = tuple(shapes[n] for n in eng.inputs)

@@ -12,10 +12,44 @@ from __future__ import annotations
 
 import torch
 
-from ldmrt.export.graphs import cast_graph, graph_modules
+from ..export.graphs import cast_graph, graph_modules
+from ..manifest import listed_file
+from .base import Backend, Exported
+
+NAME = "torch"
+EXTRA = None
+REQUIRES = ()
+OPTIONS = ()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TorchBackend:
+def export(model, out, *, summary, fp16, progress) -> Exported:
+    """The weights as model.safetensors and the config as config.yaml: the engine is the model itself."""
+    import yaml
+
+    from ..checkpoint import save_checkpoint
+    from ..files import atomic_write
+    # On a CPU the reduced precision that runs well is bf16 (fp16 CPU kernels are slow or missing).
+    save_checkpoint(model, out / "model.safetensors")
+    atomic_write(out / "config.yaml", yaml.safe_dump({"model": model.ldmrt_config}, sort_keys=False))
+    return Exported("bf16" if fp16 else "fp32", {"model": {"file": "model.safetensors", "config": "config.yaml"}},
+                    "cpu")
+
+
+def load(folder, manifest, *, device=None, tokenizer=None, **_) -> "TorchBackend":
+    """device: "cpu" or "cuda[:i]" (default: CUDA when available). tokenizer: the engine's, given to the model."""
+    from ..checkpoint import load_model
+    graph = manifest["graphs"]["model"]
+    ldm = load_model(listed_file(folder, manifest, graph["config"]), listed_file(folder, manifest, graph["file"]),
+                     tokenizer=tokenizer or False)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[manifest["precision"]]
+    if dtype == torch.bfloat16 and device.startswith("cuda"):
+        dtype = torch.float16  # "--fp16" engines: bf16 is the CPU's stand-in, GPUs run fp16
+    return TorchBackend(ldm, device=device, dtype=dtype)
+
+
+class TorchBackend(Backend):
     def __init__(self, model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  cuda_graphs: bool = True, channels_last: bool | None = None):
         """model: a LatentDiffusion; it is moved to `device` and cast to `dtype` in place (VQ codebooks stay
@@ -31,6 +65,7 @@ class TorchBackend:
         if channels_last:
             model.to(memory_format=torch.channels_last)  # only 4-d tensors (the conv weights) change layout
         self._modules = graph_modules(model)
+        super().__init__({name: (m.input_names, m.output_names) for name, m in self._modules.items()})
         self._graphed = {}
         if self.device.type == "cuda":
             from .cuda_graphs import CudaGraphRunner
@@ -40,26 +75,11 @@ class TorchBackend:
             if cuda_graphs:
                 self._graphed["unet"] = CudaGraphRunner(unet, self.device)
 
-    @property
-    def graphs(self) -> tuple[str, ...]:
-        return tuple(self._modules)
-
-    def run(self, graph: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if graph not in self._modules:
-            raise KeyError(f"no graph {graph!r} in this model; it has {', '.join(self._modules)}")
-        module = self._modules[graph]
-        check_inputs(graph, module.input_names, inputs)
+    def _run(self, graph: str, inputs: list[torch.Tensor]):
         # The graph modules cast floating inputs to their own dtype and return float32.
         with torch.inference_mode():
             if graph in self._graphed:  # copies the inputs into its static buffers itself
-                outputs = self._graphed[graph](*[inputs[name] for name in module.input_names])
+                outputs = self._graphed[graph](*inputs)
             else:
-                outputs = module(*[inputs[name].to(self.device) for name in module.input_names])
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        return {name: out.to("cpu", torch.float32) for name, out in zip(module.output_names, outputs)}
-
-
-def check_inputs(graph: str, expected, inputs: dict) -> None:
-    """The same error from every backend when the inputs do not match the graph's."""
-    if set(inputs) != set(expected):
-        raise TypeError(f"graph {graph!r} takes inputs {', '.join(expected)}; got {', '.join(inputs) or 'none'}")
+                outputs = self._modules[graph](*[x.to(self.device) for x in inputs])
+        return outputs if isinstance(outputs, tuple) else (outputs,)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tokenizer import BERT_FILES, CLIP_FILES, TokenizerNotFoundError
+from ..errors import TokenizerNotFoundError
+from ..tokenizer import BERT_FILES, CLIP_FILES
 from .ops import attention
 
 

@@ -69,6 +69,7 @@ struct ModelSummary {
   std::vector<double> alphas_cumprod;
   std::int64_t num_classes = 0;
   std::optional<std::int64_t> uncond_class;
+  bool unconditional_input = false;  // classifier-free guidance possible (computed by ldmrt/manifest.py)
 };
 
 class Engine {

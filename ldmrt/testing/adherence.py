@@ -272,7 +272,7 @@ def eager_generate(model, prompts: list[str], *, sampler: str = "ddim", steps: i
     Returns (latents, images): float32 CPU tensors, images (n, 3, H, W) in about [-1, 1]."""
     import torch
 
-    from . import sampling
+    from .. import sampling
 
     unet = model.model.diffusion_model
     c = unet.out[2].out_channels
