@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -45,11 +46,13 @@ def _inert_class(qualname: str):
 
 
 def checkpoint_format(path: Path) -> str | None:
-    """"torch" (zip or legacy pickle), "safetensors", or None, from the file's first bytes (not its name)."""
+    """"torch-zip", "torch" (legacy pickle), "safetensors", or None, from the file's first bytes (not its name)."""
     with open(path, "rb") as f:
         head = f.read(9)
     size = path.stat().st_size
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":  # a legacy (pre-1.6) torch.save pickle
         return "torch"
     if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
         return "safetensors"
@@ -91,6 +94,11 @@ def read_state_dict(path, *, ema: bool = False) -> dict[str, torch.Tensor]:
                 if v.data_ptr() % 64:
                     sd[k] = v.clone()
         else:
+            if kind == "torch-zip":  # torch does not check the zip's CRCs: a bad download would load as noise
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+                if bad is not None:
+                    raise CheckpointError(f"{path} is corrupt ({bad} fails its CRC check): download or save it again")
             sd = _torch_load(path)
     except CheckpointError:
         raise

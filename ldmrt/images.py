@@ -33,8 +33,8 @@ def open_image(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
             if image.width * image.height > MAX_INPUT_PIXELS:
-                raise InputError(f"image {path} is {image.width}x{image.height} pixels, over ldmrt's limit of "
-                                 f"{MAX_INPUT_PIXELS:,} pixels for inputs: resize it first")
+                raise InputError(f"image {path} is {image.width}x{image.height} pixels, too large for an input (the "
+                                 f"limit is {MAX_INPUT_PIXELS:,} pixels): resize it first")
             image.load()
             return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -104,7 +104,8 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def rebuild_hint(manifest: dict | None, path) -> str:
-    name = ((manifest or {}).get("model") or {}).get("name") if isinstance(manifest, dict) else None
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    name = model.get("name") if isinstance(model, dict) else None
     return f"rebuild it: ldmrt build --model {name if isinstance(name, str) else 'MODEL'} -o {path}"
 
 
@@ -376,12 +377,20 @@ def schema_problem(m: dict) -> str | None:
                            "files": _list_of(_str(), 1)}, m["tokenizer"], "tokenizer")
         if problem:
             return problem
-    if "unet" not in m["graphs"] and "model" not in m["graphs"]:
-        return "graphs has no unet graph"
+    needed = {"model"} if m["backend"] == "torch" else {"unet", "decoder"} | (
+        {"cond_stage"} if s["conditioning"] in ("text", "class") else set())
+    if not needed <= set(m["graphs"]):
+        return f"graphs lacks {', '.join(sorted(needed - set(m['graphs'])))}, which a {m['backend']} engine needs"
     for name, g in m["graphs"].items():
         for key in ("file", "config", "external_data"):
-            if g.get(key) is not None and g[key] not in m["files"]:
+            if g.get(key) is None:
+                continue
+            if not isinstance(g[key], str):
+                return f"graphs.{name}.{key} must be a path (a string)"
+            if g[key] not in m["files"]:
                 return f"graphs.{name}.{key} names {g[key]!r}, which 'files' does not list"
+        if m["backend"] == "torch" and not isinstance(g.get("config"), str):
+            return f"graphs.{name}.config is missing"
     for f in (m["tokenizer"] or {}).get("files", []):
         if f not in m["files"]:
             return f"tokenizer.files names {f!r}, which 'files' does not list"

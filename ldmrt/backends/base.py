@@ -5,6 +5,15 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ..errors import EngineError, LdmrtError
+
+
+class MissingGraphError(EngineError, KeyError):
+    """A graph the request needs that the engine does not hold."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0])
+
 
 class Exported(NamedTuple):
     """What a backend's export writes into the manifest."""
@@ -32,12 +41,21 @@ class Backend:
 
     def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
         if graph not in self._io:
-            raise KeyError(f"no graph {graph!r} in this engine; it has {', '.join(self._io)}")
+            raise MissingGraphError(f"no graph {graph!r} in this engine; it has {', '.join(self._io)} (rebuild it "
+                                    f"with this ldmrt for this model's tasks)")
         names, output_names = self._io[graph]
         if set(inputs) != set(names):
             raise TypeError(f"graph {graph!r} takes inputs {', '.join(names)}; got {', '.join(inputs) or 'none'}")
         tensors = [torch.as_tensor(inputs[n]) for n in names]
-        outputs = self._run(graph, tensors)
+        try:
+            outputs = self._run(graph, tensors)
+        except LdmrtError:
+            raise
+        except Exception as e:  # the runtime's own error: say which graph, on what, and what to do
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors))
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EngineError(f"the {graph} graph failed on {shapes} ({type(e).__name__}: {msg}); if the engine "
+                              f"folder was edited, rebuild it") from e
         on_device = all(t.is_cuda for t in tensors)
         # On the device a copy: backends may answer from static buffers that their next call overwrites.
         return {n: o.to(torch.float32, copy=True) if on_device and o.is_cuda else o.to("cpu", torch.float32)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EngineError
+from ..errors import EngineError, InputError
 from ldmrt.export.trt import fingerprint, import_tensorrt, refit, require_cuda, trt_logger
 from ..manifest import graph_files
 from .base import Backend, Exported
@@ -83,17 +83,17 @@ def check_fingerprint(built: dict, here: dict, where) -> None:
 
 
 def check_shapes(graph: str, profile: dict, shapes: dict) -> None:
-    """Raise ValueError when input `shapes` fall outside the engine's optimization `profile`.
+    """Raise InputError when input `shapes` fall outside the engine's optimization `profile`.
 
     profile: {input: {"min": [...], "opt": [...], "max": [...]}} as recorded in the manifest.
     """
     for name, shape in shapes.items():
         lo, hi = profile[name]["min"], profile[name]["max"]
         if len(shape) != len(lo):
-            raise ValueError(f"{graph} input {name} has shape {list(shape)}; the engine takes {len(lo)} dimensions")
+            raise InputError(f"{graph} input {name} has shape {list(shape)}; the engine takes {len(lo)} dimensions")
         if any(not a <= d <= b for d, a, b in zip(shape, lo, hi)):
             flags = "--min-batch/--max-batch" if not lo[0] <= shape[0] <= hi[0] else "--min-size/--max-size"
-            raise ValueError(f"{graph} input {name} has shape {list(shape)}, outside the shapes this TensorRT engine "
+            raise InputError(f"{graph} input {name} has shape {list(shape)}, outside the shapes this TensorRT engine "
                              f"was built for ({lo} to {hi}); rebuild it with other {flags} (with guidance the UNet "
                              f"runs twice the batch)")
 
