@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BACKENDS, backend_module, check_available
+from .backends import backend_module, check_available, graphs_needed
 from .errors import EngineError, LdmrtError
 from .files import cache_root
 from .machine import device_record
@@ -105,10 +105,16 @@ class Engine:
         path = Path(path)
         manifest = read_manifest(path, verify=verify)
         name = manifest["backend"]
-        if name not in BACKENDS:
+        try:
+            module = backend_module(name)
+        except EngineError:
             from .version import __version__
             raise EngineError(f"{path}: backend {name!r} is not supported by ldmrt {__version__}; "
-                              f"{rebuild_hint(manifest, path)}")
+                              f"{rebuild_hint(manifest, path)}") from None
+        missing = graphs_needed(module, manifest["model"]["summary"]) - set(manifest["graphs"])
+        if missing:
+            raise EngineError(f"{path} lacks the {', '.join(sorted(missing))} graph(s) that a {name} engine of this "
+                              f"model needs: {rebuild_hint(manifest, path)}")
         tokenizer = None
         if manifest["tokenizer"]:
             from .tokenizer import find_tokenizer
@@ -117,7 +123,7 @@ class Engine:
                 listed_file(path, manifest, f)
             tokenizer = find_tokenizer(path / "tokenizer", tok["kind"], tok["max_length"])
         try:
-            backend = backend_module(name).load(path, manifest, device=device, providers=providers, threads=threads,
+            backend = module.load(path, manifest, device=device, providers=providers, threads=threads,
                                                 tokenizer=tokenizer)
         except LdmrtError:
             raise

@@ -377,10 +377,6 @@ def schema_problem(m: dict) -> str | None:
                            "files": _list_of(_str(), 1)}, m["tokenizer"], "tokenizer")
         if problem:
             return problem
-    needed = {"model"} if m["backend"] == "torch" else {"unet", "decoder"} | (
-        {"cond_stage"} if s["conditioning"] in ("text", "class") else set())
-    if not needed <= set(m["graphs"]):
-        return f"graphs lacks {', '.join(sorted(needed - set(m['graphs'])))}, which a {m['backend']} engine needs"
     for name, g in m["graphs"].items():
         for key in ("file", "config", "external_data"):
             if g.get(key) is None:
@@ -389,8 +385,6 @@ def schema_problem(m: dict) -> str | None:
                 return f"graphs.{name}.{key} must be a path (a string)"
             if g[key] not in m["files"]:
                 return f"graphs.{name}.{key} names {g[key]!r}, which 'files' does not list"
-        if m["backend"] == "torch" and not isinstance(g.get("config"), str):
-            return f"graphs.{name}.config is missing"
     for f in (m["tokenizer"] or {}).get("files", []):
         if f not in m["files"]:
             return f"tokenizer.files names {f!r}, which 'files' does not list"

@@ -26,7 +26,7 @@ from .errors import ResourceError
 DECODER_LIVE_MAPS = 4  # full-resolution maps alive at once in a decoder block (input, conv out, norm, skip)
 ENCODER_LIVE_MAPS = 3
 ATTENTION_COPIES = 2  # scores and their softmax
-OVERHEAD = 40 << 20  # allocator, thread pools, convolution workspaces: measured 30-60 MB at the smallest sizes
+OVERHEAD = 64 << 20  # allocator, thread pools, convolution workspaces: 30-90 MB measured at 256²
 # Where whole attention matrices are held on a CPU (measured, benchmarks/memory.py): the ONNX graphs everywhere
 # (exported MatMul + Softmax); torch's SDPA runs the UNet's multi-head layout fused but the first stage's
 # single-head one (transposed views) in its math path. On CUDA (Triton flash attention) and TensorRT none is.

@@ -136,3 +136,40 @@ def test_sampler_loop_drives_onnxruntime(celeba_engine):
         results.append(sampling.sample(eps_fn, x_T.clone(), sampler="ddim", steps=4,
                                        alphas_cumprod=model.schedule_alphas_cumprod))
     assert rel_l2(results[1], results[0]) <= FP32_TOL
+
+
+def test_a_new_backend_is_one_module(monkeypatch, tmp_path):
+    """A backend is one module (NAME, EXTRA, REQUIRES, OPTIONS, export, load; a base.Backend at run time) plus its
+    name in ldmrt.backends.BACKENDS: nothing else changes for Engine.build, load and generate to use it."""
+    import sys
+    import types
+
+    from ldmrt import backends
+    from ldmrt.backends import base
+    from ldmrt.backends import torch as torch_backend
+    from ldmrt.engine import Engine
+
+    runs = []
+
+    class Toy(base.Backend):
+        def __init__(self, inner):
+            super().__init__({g: inner._io[g] for g in inner.graphs})
+            self.inner = inner
+
+        def _run(self, graph, inputs):
+            runs.append(graph)
+            return self.inner._run(graph, inputs)
+
+    toy = types.ModuleType("ldmrt.backends.toy")
+    toy.NAME, toy.EXTRA, toy.REQUIRES, toy.OPTIONS, toy.GRAPHS = "toy", None, (), (), torch_backend.GRAPHS
+    toy.export = torch_backend.export
+    toy.load = lambda folder, manifest, **kw: Toy(torch_backend.load(folder, manifest, **kw))
+    monkeypatch.setitem(sys.modules, "ldmrt.backends.toy", toy)
+    monkeypatch.setattr(backends, "BACKENDS", (*backends.BACKENDS, "toy"))
+
+    engine = Engine.build("shapes", tmp_path / "toy", backend="toy", progress=None)
+    assert engine.manifest["backend"] == "toy" and Engine.load(engine.path).manifest["backend"] == "toy"
+    got = engine.generate("a red circle", steps=2, output_type="latent")
+    want = Engine.build("shapes", tmp_path / "torch", backend="torch", progress=None).generate(
+        "a red circle", steps=2, output_type="latent")
+    assert torch.equal(got, want) and runs.count("unet") == 2 and "cond_stage" in runs

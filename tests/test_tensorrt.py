@@ -353,14 +353,14 @@ def test_missing_or_old_tensorrt(no_tensorrt, monkeypatch):
 def _engine_folder(path, device):
     """A well-formed TensorRT engine folder around a stand-in plan file."""
     path.mkdir()
-    plan = path / "unet.plan"
-    plan.write_bytes(b"PLAN")
+    for graph in ("unet", "decoder"):
+        (path / f"{graph}.plan").write_bytes(b"PLAN")
     cfg = reduced_config("celeba256")
     summary = model_summary(ldmrt.load_model(cfg, random_weights=True), cfg)
     manifest = new_manifest(path, backend="tensorrt", precision="fp16", model_name="celeba256", cfg=cfg,
-                            summary=summary, tokenizer=None, graphs={"unet": {"file": "unet.plan", "profile": None}},
-                            shapes=None, device=device)
-    assert manifest["files"] == {"unet.plan": {"bytes": 4, "sha256": hashlib.sha256(b"PLAN").hexdigest()}}
+                            summary=summary, tokenizer=None, shapes=None, device=device,
+                            graphs={g: {"file": f"{g}.plan", "profile": None} for g in ("unet", "decoder")})
+    assert manifest["files"]["unet.plan"] == {"bytes": 4, "sha256": hashlib.sha256(b"PLAN").hexdigest()}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ldmrt.tokenizer import BertTokenizer, ClipTokenizer, TokenizerNotFoundError, find_tokenizer
+from ldmrt.testing import clip_alphabet, write_clip_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers (test extra) is the reference tokenizer")
 regex = pytest.importorskip("regex", reason="the CLIP reference BPE needs `regex` for \\p{L}")
@@ -81,50 +82,20 @@ CLIP_WORDS = ["a", "photo", "of", "the", "cat", "dog", "'s", "running", "in", "p
               "to", "mars", "rocket", "!!", "...", "ca", "é"]
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's printable stand-in for every byte: printable Latin-1 bytes map to themselves."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    stand_ins = dict(zip(keep, map(chr, keep)))
-    extra = (b for b in range(256) if b not in stand_ins)
-    for n, b in enumerate(extra):
-        stand_ins[b] = chr(256 + n)
-    return dict(sorted(stand_ins.items()))
-
-
-def clip_merges() -> list[tuple[str, str]]:
-    """Merges that assemble each word left to right, its last symbol carrying '</w>'."""
-    byte_map = bytes_to_unicode()
-    merges = []
-    for word in CLIP_WORDS:
-        symbols = [byte_map[b] for b in word.encode("utf-8")]
-        symbols[-1] += "</w>"
-        left = symbols[0]
-        for right in symbols[1:]:
-            if (left, right) not in merges:
-                merges.append((left, right))
-            left += right
-    return merges
-
-
 @pytest.fixture(scope="module")
 def clip_files(tmp_path_factory):
     """vocab.json + merges.txt built the way CLIP builds its vocabulary."""
     folder = tmp_path_factory.mktemp("clip")
-    alphabet = list(bytes_to_unicode().values())
-    merges = clip_merges()
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
-                                       encoding="utf-8")
+    write_clip_tokenizer(folder, CLIP_WORDS)
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]]
     return folder, vocab, merges
 
 
 def reference_clip_ids(text, vocab, merges, max_length):
     """CLIP's tokenizer in plain Python: clean, split by CLIP's regex, byte-map, greedy lowest-rank BPE merges."""
     text = re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip().lower()
-    byte_map = bytes_to_unicode()
+    byte_map = clip_alphabet()
     rank = {pair: i for i, pair in enumerate(merges)}
     ids = []
     for word in regex.findall(CLIP_PATTERN, text):
@@ -169,7 +140,7 @@ def test_clip_matches_references(clip_files, max_length):
     assert torch.equal(got, want_hf)
 
     # The sentences do exercise whole-word merges, partial merges and raw bytes.
-    rocket_first_byte = vocab[bytes_to_unicode()["🚀".encode("utf-8")[0]]]
+    rocket_first_byte = vocab[clip_alphabet()["🚀".encode("utf-8")[0]]]
     assert vocab["photo</w>"] in got[0] and vocab["'s</w>"] in got[1] and rocket_first_byte in got[6]
     assert vocab["ca"] in got[4]  # "cats": the word merges stop short of "cats</w>"
 

@@ -7,7 +7,8 @@ A backend is one module here, registered by its name in BACKENDS. Each module de
     OPTIONS    the keyword options of `Engine.build` it takes (e.g. "tensorrt", "onnx_fusions")
     export(model, out, *, summary, fp16, progress, **options) -> Exported   writes its graph files
     load(folder, manifest, *, device, providers, threads) -> Backend        opens them
-and may define check_build() (what the machine lacks, said before any weights load). Modules import their
+and may define check_build() (what the machine lacks, said before any weights load) and GRAPHS (the graph
+names it writes, when they are not the contract's: graphs_needed). Modules import their
 runtime lazily, so that the registry can be read where a runtime is missing. The runtime objects share one
 interface, `base.Backend`: `.graphs`, `.device`, `.run(graph, **inputs)`.
 """
@@ -41,3 +42,10 @@ def check_available(name: str, purpose: str | None = None):
             raise EngineError(f"{purpose or 'the ' + name + ' backend'} needs {', '.join(module.REQUIRES)} ({e}): "
                               f"{fix}, or use --backend torch") from None
     return module
+
+
+def graphs_needed(module, summary: dict) -> set[str]:
+    """The graphs an engine of this backend must hold for its model (checked by Engine.load)."""
+    if getattr(module, "GRAPHS", None):
+        return set(module.GRAPHS)
+    return {"unet", "decoder"} | ({"cond_stage"} if summary["conditioning"] in ("text", "class") else set())

@@ -20,6 +20,7 @@ NAME = "torch"
 EXTRA = None
 REQUIRES = ()
 OPTIONS = ()
+GRAPHS = ("model",)  # the whole model in one file: its graph modules are cut in memory (export/graphs.py)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
