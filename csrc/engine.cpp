@@ -246,6 +246,9 @@ Latent Engine::generate_latent(const GenerateOptions& o) {
   config.alphas_cumprod = s.alphas_cumprod;
   config.eta = o.eta;
   config.timestep_spacing = o.timestep_spacing;
+  config.cache_interval = o.cache_interval;
+  config.guidance_from = o.guidance_from;
+  config.guidance_until = o.guidance_until;
   const Plan plan = make_plan(config);
 
   std::size_t count = 1;
@@ -253,15 +256,29 @@ Latent Engine::generate_latent(const GenerateOptions& o) {
   Latent latent{shape, std::vector<float>(count)};
   randn<float>(o.seed, 0, latent.values.data(), count);
 
-  at::Tensor eps;  // the last model output, alive while the loop reads it
+  // The model follows the plan's stages, one call each (ldmrt/pipeline.py UNetCalls): an unguided stage of a
+  // guided run passes the batch alone (the conditional context); a shallow one runs unet_shallow on the deep
+  // feature kept by the last full call (its conditional half when that was doubled).
+  at::Tensor eps, deep;  // the last model output (alive while the loop reads it) and the kept deep feature
+  std::size_t call = 0;
   const EpsModel<float> model = [&](const float* x, std::size_t n, double t) -> const float* {
+    const Stage& stage = plan.stages.at(call++);
     std::vector<std::int64_t> x_shape = shape;
     x_shape[0] = static_cast<std::int64_t>(n / (count / static_cast<std::size_t>(batch)));
     std::map<std::string, at::Tensor> inputs{
         {"x", at::from_blob(const_cast<float*>(x), x_shape, at::kFloat)},
         {"t", at::full({x_shape[0]}, static_cast<float>(t), at::kFloat)}};
-    if (context.defined()) inputs.emplace("context", context);
-    eps = impl_->run("unet", inputs)[0];
+    if (context.defined())
+      inputs.emplace("context", context.size(0) == x_shape[0] ? context : context.narrow(0, context.size(0) - x_shape[0], x_shape[0]));
+    if (stage.shallow) {
+      if (!deep.defined()) throw EngineError("a shallow stage before any full one: the plan is inconsistent");
+      inputs.emplace("deep", deep.size(0) == x_shape[0] ? deep : deep.narrow(0, deep.size(0) - x_shape[0], x_shape[0]));
+      eps = impl_->run("unet_shallow", inputs)[0];  // (run takes the inputs the graph names: maybe no context)
+    } else {
+      std::vector<at::Tensor> out = impl_->run("unet", inputs);
+      eps = out[0];
+      if (out.size() > 1) deep = out[1].contiguous();
+    }
     if (static_cast<std::size_t>(eps.numel()) != n) throw EngineError("the unet graph returned a tensor of the wrong size");
     return eps.data_ptr<float>();
   };

@@ -121,8 +121,9 @@ void run_plan(const Plan& plan, Real* latent, std::size_t count, const EpsModel<
         latent[i] = in.mask[i] * (bx * in.x0[i] + bn * ws.noise[i]) + (Real(1) - in.mask[i]) * latent[i];
     }
     const Real* input = stage.model_input == Buffer::Trial ? ws.trial : latent;
+    const bool doubled = guided && stage.guided;  // else one conditional evaluation (the model sees `count`)
     const Real* eps;
-    if (guided) {
+    if (doubled) {
       std::memcpy(ws.model_input, input, count * sizeof(Real));
       std::memcpy(ws.model_input + count, input, count * sizeof(Real));
       eps = model(ws.model_input, 2 * count, stage.timestep);
@@ -131,7 +132,7 @@ void run_plan(const Plan& plan, Real* latent, std::size_t count, const EpsModel<
     }
     if (stage.c_noise != 0) noise(draw++, ws.noise, count);
     Real* dst = stage.dst == Buffer::Trial ? ws.trial : latent;
-    apply_update<Real>(stage, dst, latent, eps, guided ? eps + count : nullptr, in.guidance_scale.value_or(1.0),
+    apply_update<Real>(stage, dst, latent, eps, doubled ? eps + count : nullptr, in.guidance_scale.value_or(1.0),
                        ws.history.data(), ws.noise, count);
   }
 }

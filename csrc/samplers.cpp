@@ -182,6 +182,26 @@ std::vector<std::string> sampler_names() {
   return {"ddpm", "ddim", "plms", "dpmpp_2m", "euler", "euler_ancestral"};
 }
 
+// Per stage: guided or not (step k of n is guided when from <= k / n < until), full UNet or shallow branch (a
+// step k with k % interval == 0 runs full, and so does the first step after guidance switches, whose batch
+// differs from the kept feature's; every stage of a step shares its step's choice).
+static void schedule_evaluations(Plan& plan, int interval, double from, double until) {
+  int step = -1;
+  bool last_full_guided = true, full_step = true;
+  const double n = plan.num_steps > 0 ? plan.num_steps : 1;
+  for (Stage& s : plan.stages) {
+    if (s.starts_step || step < 0) {
+      ++step;
+      s.guided = from <= step / n && step / n < until;
+      full_step = step % interval == 0 || s.guided != last_full_guided || step == 0;
+    } else {
+      s.guided = (&s - 1)->guided;
+    }
+    s.shallow = !full_step;
+    if (full_step) last_full_guided = s.guided;
+  }
+}
+
 Plan make_plan(const SamplerConfig& config) {
   const std::string& name = config.sampler;
   bool known = false;
@@ -197,6 +217,13 @@ Plan make_plan(const SamplerConfig& config) {
   const double eta = config.eta.value_or(name == "euler_ancestral" ? 1.0 : 0.0);
   if (!(config.strength >= 0 && config.strength <= 1))
     throw std::invalid_argument("strength must be in [0, 1], got " + std::to_string(config.strength));
+  if (config.cache_interval < 1)
+    throw std::invalid_argument("cache_interval must be >= 1 (1: no feature caching), got " +
+                                std::to_string(config.cache_interval));
+  if (!(config.guidance_from >= 0 && config.guidance_from <= config.guidance_until && config.guidance_until <= 1))
+    throw std::invalid_argument("the guidance interval must satisfy 0 <= from <= until <= 1 (fractions of the "
+                                "steps), got (" + std::to_string(config.guidance_from) + ", " +
+                                std::to_string(config.guidance_until) + ")");
 
   Steps steps;
   steps.t = make_timesteps(config.timestep_spacing, config.steps, config.alphas_cumprod, config.steps_offset);
@@ -222,6 +249,8 @@ Plan make_plan(const SamplerConfig& config) {
   else plan = euler(steps, eta, name == "euler_ancestral");
   plan.sampler = name;
   plan.num_steps = static_cast<int>(steps.size());
+
+  schedule_evaluations(plan, config.cache_interval, config.guidance_from, config.guidance_until);
 
   if (steps.size() == 0) {  // strength 0: the latent is x0 unchanged
     plan.init_x0 = 1;

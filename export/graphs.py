@@ -5,8 +5,11 @@ Contract (the same for every backend; the sampler loop calls "unet" once per ste
     cond_stage  cond -> context
                 cond: int64 token ids (B, L) (BERT / CLIP / layout tokens), int64 class labels (B,),
                 or float maps (B, C, H, W) (semantic synthesis); context is what the UNet takes.
-    unet        x (B, C, h, w), t (B,) float32 timesteps, [context (B, L, D)], [concat (B, Cc, h, w)] -> eps
-                x0-parameterised models are turned into eps inside the graph.
+    unet        x (B, C, h, w), t (B,) float32 timesteps, [context (B, L, D)], [concat (B, Cc, h, w)] -> eps, deep
+                x0-parameterised models are turned into eps inside the graph; deep (B, Cd, h, w) is the feature
+                unet_shallow takes (DeepCache).
+    unet_shallow  the same inputs and deep -> eps: the UNet's outermost skip branches only, on the deep feature
+                of an earlier step (feature caching; the sampler plan says which steps).
     decoder     latent (B, C, h, w), scaled as sampled -> image (B, 3, H, W) in about [-1, 1]
                 (1/scale_factor and the VQ quantisation inside, as LatentDiffusion.decode_first_stage).
     encoder     image (B, 3, H, W) in [-1, 1] -> mean, std of the latent, both times scale_factor
@@ -37,6 +40,12 @@ from torch import nn
 from ldmrt.models import unet as unet_module
 from ldmrt.models.autoencoder import DiagonalGaussianDistribution, VectorQuantizer, VQModelInterface
 from ldmrt.models.ldm import eps_from_x0
+
+
+# DeepCache's branch: the shallow graph runs the first DEEP_CACHE_KEEP input blocks and the last DEEP_CACHE_KEEP
+# output blocks (chosen by measurement: README "Feature caching"). At most num_res_blocks + 1, so that the deep
+# feature is at the latent's resolution.
+DEEP_CACHE_KEEP = 1
 
 
 class Graph(NamedTuple):
@@ -89,9 +98,10 @@ class CondStageGraph(nn.Module):
 
 
 class UNetGraph(nn.Module):
-    """(x, t, [context], [concat]) -> eps, as LatentDiffusion.apply_model then predict_eps."""
+    """(x, t, [context], [concat]) -> eps, deep: LatentDiffusion.apply_model then predict_eps, and the deep
+    feature that "unet_shallow" takes on the steps between (DeepCache; DEEP_CACHE_KEEP)."""
 
-    output_names = ("eps",)
+    output_names = ("eps", "deep")
 
     def __init__(self, model):
         super().__init__()
@@ -111,14 +121,41 @@ class UNetGraph(nn.Module):
 
     def forward(self, x, t, *conditioning):
         """conditioning: (context,) for cross-attention, (concat,) for concat, (context, concat) for hybrid."""
+        out, deep = self._apply(x, t, dict(zip(self.conditioning_inputs, conditioning)), keep=DEEP_CACHE_KEEP)
+        return out, deep.float()
+
+    def _apply(self, x, t, named: dict, **cache):
         dtype = _compute_dtype(self.model)
-        named = dict(zip(self.conditioning_inputs, conditioning))
         c_concat = [named["concat"].to(dtype)] if "concat" in named else None
         c_crossattn = [named["context"].to(dtype)] if "context" in named else None
-        out = self.model(x.to(dtype), t, c_concat=c_concat, c_crossattn=c_crossattn)
+        if "deep" in cache:
+            cache["deep"] = cache["deep"].to(dtype)
+        result = self.model(x.to(dtype), t, c_concat=c_concat, c_crossattn=c_crossattn, **cache)
+        out, deep = result if isinstance(result, tuple) else (result, None)
         if self.parameterization == "x0":
-            return eps_from_x0(self.alphas_cumprod, x.float(), t, out).float()
-        return out.float()
+            out = eps_from_x0(self.alphas_cumprod, x.float(), t, out)
+        return out.float(), deep
+
+
+class UNetShallowGraph(UNetGraph):
+    """(x, t, [context], [concat], deep) -> eps: the UNet's outermost DEEP_CACHE_KEEP skip branches on the deep
+    feature of the last "unet" call (DeepCache, Ma et al. CVPR 2024: between full steps the deep features change
+    little). Shares the weights of "unet"."""
+
+    output_names = ("eps",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        unet = self.model.diffusion_model
+        blocks = [*unet.input_blocks[:DEEP_CACHE_KEEP], *unet.output_blocks[len(unet.output_blocks) - DEEP_CACHE_KEEP:]]
+        # Exporters drop inputs a graph does not use: a branch without cross-attention does not take the context.
+        self.uses_context = any(isinstance(m, unet_module.SpatialTransformer) for b in blocks for m in b.modules())
+        self.input_names = (*(n for n in self.input_names if n != "context" or self.uses_context), "deep")
+
+    def forward(self, x, t, *conditioning_and_deep):
+        *conditioning, deep = conditioning_and_deep
+        named = dict(zip(self.input_names[2:-1], conditioning))
+        return self._apply(x, t, named, deep=deep, keep=DEEP_CACHE_KEEP)[0]
 
 
 class DecoderGraph(nn.Module):
@@ -175,7 +212,8 @@ def graph_modules(model) -> dict[str, nn.Module]:
     # bsr_sr's Identity passes the image through; inpainting's first stage is covered by "encoder".
     if cond_stage is not None and cond_stage is not model.first_stage_model and not isinstance(cond_stage, nn.Identity):
         modules["cond_stage"] = CondStageGraph(model)
-    modules.update(unet=UNetGraph(model), decoder=DecoderGraph(model), encoder=EncoderGraph(model))
+    modules.update(unet=UNetGraph(model), unet_shallow=UNetShallowGraph(model), decoder=DecoderGraph(model),
+                   encoder=EncoderGraph(model))
     return {name: m.eval() for name, m in modules.items()}
 
 
@@ -224,8 +262,15 @@ def graphs_for(model, *, batch: int = 2, latent_size: int | None = None) -> dict
         examples["concat"] = torch.randn(batch, concat_channels, latent_size, latent_size, device=param.device)
     if "context" in unet.input_names and "context" not in examples:
         raise NotImplementedError("cross-attention without a cond stage graph is not in the graph contract")
-    graphs["unet"] = Graph(unet, tuple(examples[n] for n in unet.input_names), list(unet.input_names), ["eps"],
-                           {n: unet_axes[n] for n in (*unet.input_names, "eps")})
+    unet_axes["deep"] = spatial  # at full latent resolution: DEEP_CACHE_KEEP <= num_res_blocks + 1
+    graphs["unet"] = Graph(unet, tuple(examples[n] for n in unet.input_names), list(unet.input_names),
+                           ["eps", "deep"], {n: unet_axes[n] for n in (*unet.input_names, "eps", "deep")})
+    with torch.no_grad():
+        examples["deep"] = unet(*(examples[n] for n in unet.input_names))[1]
+    shallow = modules["unet_shallow"]
+    graphs["unet_shallow"] = Graph(shallow, tuple(examples[n] for n in shallow.input_names),
+                                   list(shallow.input_names), ["eps"],
+                                   {n: unet_axes[n] for n in (*shallow.input_names, "eps")})
     graphs["decoder"] = Graph(modules["decoder"], (x,), ["latent"], ["image"],
                               {"latent": spatial, "image": image_spatial})
     graphs["encoder"] = Graph(modules["encoder"], (image,), ["image"], ["mean", "std"],

@@ -116,7 +116,7 @@ def _given(value, default):
 def graph_batch(graph: str, r: Ranges) -> tuple[int, int, int]:
     lo, opt, hi = r.batch
     g = 2 if r.guidance else 1
-    if graph == "unet":
+    if graph in ("unet", "unet_shallow"):
         return lo, g * opt, g * hi
     if graph == "cond_stage":
         return 1, 1 if r.text else g * opt, g * hi

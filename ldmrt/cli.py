@@ -51,7 +51,8 @@ def cmd_generate(args) -> int:
                              height=args.height, width=args.width, batch_size=args.batch_size,
                              init_image=args.init_image, strength=args.strength, mask=args.mask,
                              class_label=args.class_label, low_res_image=args.low_res_image,
-                             timestep_spacing=args.timestep_spacing, progress=not args.quiet)
+                             timestep_spacing=args.timestep_spacing, progress=not args.quiet,
+                             **fast_settings(args))
     t2 = time.perf_counter()
     paths = write_images(images, out, args.argv)
     print(f"ldmrt generate: wrote {', '.join(map(str, paths))} ({images[0].width}x{images[0].height}, {args.steps} "
@@ -74,6 +75,17 @@ def cmd_demo(args) -> int:
           f"  engine: {engine.path} ({engine.manifest['backend']}, {engine.manifest['precision']}) in {t1 - t0:.1f} s\n"
           f"  generate: {args.steps} DDIM steps with guidance, C++ sampler loop, in {t2 - t1:.1f} s")
     return 0
+
+
+def fast_settings(args) -> dict:
+    """--fast (FAST_PRESET), overridden by --cache / --guidance-interval where given."""
+    from .pipeline import FAST_PRESET
+    settings = dict(FAST_PRESET) if args.fast else {}
+    if args.cache is not None:
+        settings["cache_interval"] = args.cache
+    if args.guidance_interval is not None:
+        settings["guidance_interval"] = tuple(args.guidance_interval)
+    return settings
 
 
 def write_images(images, out: Path, argv) -> list[Path]:
@@ -184,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="mask image for inpainting (white = repaint)")
     p.add_argument("--class-label", type=int)
     p.add_argument("--low-res-image", help="input of super-resolution models")
+    p.add_argument("--cache", type=int, metavar="N", help="feature caching (DeepCache): the full UNet every N-th "
+                   "step, its shallow branch between (approximate: README 'Doing less per image')")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("FROM", "UNTIL"),
+                   help="guidance only on the steps in [FROM, UNTIL) (fractions of the steps); one conditional "
+                   "UNet call elsewhere (approximate)")
+    p.add_argument("--fast", action="store_true", help="the measured fast preset of --cache and --guidance-interval")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=cmd_generate)

@@ -34,6 +34,12 @@ class Engine:
         self.alphas_cumprod = np.asarray(self.summary["alphas_cumprod"], dtype=np.float64)
         self.context_cache = ContextCache()
 
+    @property
+    def precision(self) -> str:
+        """What the engine computes in on this machine (the manifest records what its builder chose)."""
+        running = getattr(self.backend, "running_precision", None) or getattr(self.backend, "precision", None)
+        return running if isinstance(running, str) else self.manifest["precision"]
+
     # --- build ----------------------------------------------------------------------------------
     @classmethod
     def build(cls, model=None, out_dir="engines/default", *, ckpt=None, config=None, fp16: bool = False,
@@ -173,6 +179,9 @@ class Engine:
         low_res_image=None, latents=None (caller-given x_T, e.g. from torch.Generator, to reproduce other
         tools' images), timestep_spacing="uniform", output_type="pil" ("np": (B, H, W, 3) float32 in [0, 1];
         "latent"), progress=False.
+        Doing less per image (approximate; measured in the README): cache_interval=N (DeepCache: the full UNet
+        every N-th step, its shallow branch on the cached deep feature between), guidance_interval=(from, until)
+        (guidance only on that fraction of the steps, one conditional UNet call elsewhere).
         """
         from .pipeline import generate
         return generate(self, prompt, **settings)

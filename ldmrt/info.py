@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .machine import cpu_features, library_version
+from .machine import cpu_features, cpu_reduced_precision, library_version
 
 
 def backends() -> dict:
@@ -56,7 +56,8 @@ def system_info() -> dict:
                                                    "triton", "tensorrt", "safetensors", "tokenizers")}
     versions["python"] = sys.version.split()[0]
     versions["torch_cuda"] = torch.version.cuda
-    return {"versions": versions, "cpu": cpu_features(), "cuda_devices": devices, "backends": backends()}
+    cpu = cpu_features() | {"fp16_runs_as": cpu_reduced_precision()}  # what --fp16 means for CPU engines here
+    return {"versions": versions, "cpu": cpu, "cuda_devices": devices, "backends": backends()}
 
 
 def _count(module) -> int:

@@ -27,6 +27,9 @@ DEFAULT_GUIDANCE = 5.0
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_SEED = 2 ** 64 - 1
 CONTEXT_CACHE_SIZE = 64  # prompt embeddings kept per engine (SD v1: 230 KB each)
+# `ldmrt generate --fast`: chosen from the quality table of README "Doing less per image" (the shipped model's
+# adherence within 2 points of exact).
+FAST_PRESET = {"cache_interval": 2, "guidance_interval": (0.0, 0.7)}
 
 
 class ContextCache:
@@ -69,6 +72,8 @@ class Request:
     class_label: object
     latents: torch.Tensor | None
     output_type: str
+    cache_interval: int  # DeepCache: the full UNet every N-th step (1: always, exact)
+    guidance_interval: tuple[float, float] | None  # fractions of the steps with guidance (None: all)
 
     def record(self, engine, index: int) -> dict:
         """The `parameters` of image `index`: what reproduces it (the PNG metadata schema, ldmrt/images.py)."""
@@ -77,7 +82,8 @@ class Request:
                 "negative_prompt": self.negative_prompts[index], "steps": self.steps, "sampler": self.sampler,
                 "guidance_scale": self.guidance_scale, "eta": self.eta, "seed": self.seed, "height": self.height,
                 "width": self.width, "batch_size": self.batch_size, "batch_index": index,
-                "timestep_spacing": self.timestep_spacing,
+                "timestep_spacing": self.timestep_spacing, "cache_interval": self.cache_interval,
+                "guidance_interval": None if self.guidance_interval is None else list(self.guidance_interval),
                 **({"strength": self.strength} if self.init_image is not None else {}),
                 **({"class_label": _label(self.class_label, index)} if self.class_label is not None else {}),
                 "model": m["model"].get("name"), "engine": str(engine.path), "backend": m["backend"],
@@ -87,19 +93,21 @@ class Request:
 def generate(engine, prompt=None, *, negative_prompt="", steps: int = 50, sampler: str = "ddim",
              guidance_scale=None, eta=None, seed: int = 0, height=None, width=None, batch_size=None, init_image=None,
              strength: float = 0.75, mask=None, class_label=None, low_res_image=None, latents=None,
-             timestep_spacing: str = "uniform", output_type: str = "pil", progress: bool = False):
+             timestep_spacing: str = "uniform", output_type: str = "pil", progress: bool = False,
+             cache_interval: int = 1, guidance_interval=None):
     """See Engine.generate."""
     from .sampling import make_plan, randn, run
 
     req = check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scale, eta, seed, height, width,
                         batch_size, init_image, strength, mask, class_label, low_res_image, latents,
-                        timestep_spacing, output_type)
+                        timestep_spacing, output_type, cache_interval, guidance_interval)
     s = engine.summary
     # The plan is compiled before any graph runs: a bad sampler, spacing or step count costs nothing.
     img2img = req.init_image is not None and s["conditioning"] != "inpainting"
     try:
         plan = make_plan(sampler=req.sampler, steps=req.steps, alphas_cumprod=engine.alphas_cumprod, eta=req.eta,
-                         timestep_spacing=req.timestep_spacing, strength=req.strength if img2img else 1.0)
+                         timestep_spacing=req.timestep_spacing, strength=req.strength if img2img else 1.0,
+                         cache_interval=req.cache_interval, guidance_interval=req.guidance_interval)
     except ValueError as e:
         raise InputError(str(e)) from None
     from .memory import check_request_memory
@@ -122,30 +130,10 @@ def generate(engine, prompt=None, *, negative_prompt="", steps: int = 50, sample
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(plan.stages), desc="ldmrt", unit="step")
-    # The UNet's inputs are built once; per step only x (the loop's own buffer) and t change.
-    unet_batch = req.batch_size * (2 if req.guidance_scale is not None else 1)
-    inputs = {"t": torch.zeros(unet_batch, dtype=torch.float32)}
-    if context is not None:
-        inputs["context"] = context
-    if concat is not None:
-        inputs["concat"] = concat
-    calls = 0
-
-    def eps_fn(x, t):
-        nonlocal calls
-        calls += 1
-        if not torch.isfinite(x).all():
-            raise numerical_error(engine, req, f"the latent before UNet call {calls} of {len(plan.stages)}")
-        inputs["t"].fill_(t)
-        eps = engine.backend.run("unet", x=x, **inputs)["eps"]
-        if not torch.isfinite(eps).all():
-            raise numerical_error(engine, req, f"the UNet's output at call {calls} of {len(plan.stages)} (t={t:g})")
-        if bar is not None:
-            bar.update(1)
-        return eps
+    unet = UNetCalls(engine, req, plan, context, concat, bar)
 
     try:
-        latent = run(plan, eps_fn, x_T, guidance_scale=req.guidance_scale, x0=x0, mask=sample_mask, seed=req.seed)
+        latent = run(plan, unet, x_T, guidance_scale=req.guidance_scale, x0=x0, mask=sample_mask, seed=req.seed)
     finally:
         if bar is not None:
             bar.close()
@@ -163,10 +151,53 @@ def generate(engine, prompt=None, *, negative_prompt="", steps: int = 50, sample
     return to_pil(images, [req.record(engine, i) for i in range(req.batch_size)])
 
 
+class UNetCalls:
+    """The model the C++ loop calls, once per plan stage in order: the stage says which evaluation it is.
+
+    A guided stage gets the doubled batch [uncond; cond]; an unguided one in a guided run (guidance interval)
+    the batch alone, evaluated with the conditional inputs. A full stage runs "unet" and keeps its deep feature;
+    a shallow one runs "unet_shallow" on it (DeepCache; the conditional half when the kept feature is doubled).
+    The inputs that are constant over the steps are built once; per call only x and t change."""
+
+    def __init__(self, engine, req: Request, plan, context, concat, bar):
+        self.engine, self.req, self.stages, self.bar = engine, req, plan.stages, bar
+        self.calls, self.deep = 0, None
+        b, guided = req.batch_size, req.guidance_scale is not None
+        full = {k: v for k, v in (("context", context), ("concat", concat)) if v is not None}
+        cond = {k: v[b:] if guided and v.shape[0] == 2 * b else v for k, v in full.items()}  # the conditional half
+        self.inputs = {b: {"t": torch.zeros(b, dtype=torch.float32), **cond}}  # keyed by the call's batch
+        if guided:
+            self.inputs[2 * b] = {"t": torch.zeros(2 * b, dtype=torch.float32), **full}
+        if any(s["shallow"] for s in self.stages) and "unet_shallow" not in engine.backend.graphs:
+            raise EngineError(f"{engine.path} has no unet_shallow graph (feature caching): rebuild it with this ldmrt")
+
+    def __call__(self, x, t):
+        stage = self.stages[self.calls]
+        self.calls += 1
+        where = f"UNet call {self.calls} of {len(self.stages)} (t={t:g})"
+        if not torch.isfinite(x).all():
+            raise numerical_error(self.engine, self.req, f"the latent before {where}")
+        inputs = self.inputs[x.shape[0]]
+        inputs["t"].fill_(t)
+        if stage["shallow"]:
+            deep = self.deep if self.deep.shape[0] == x.shape[0] else self.deep[-x.shape[0]:]
+            taken = self.engine.backend.input_names("unet_shallow")  # a branch may not take the context
+            eps = self.engine.backend.run("unet_shallow", x=x, deep=deep,
+                                          **{k: v for k, v in inputs.items() if k in taken})["eps"]
+        else:
+            out = self.engine.backend.run("unet", x=x, **inputs)
+            eps, self.deep = out["eps"], out.get("deep")
+        if not torch.isfinite(eps).all():
+            raise numerical_error(self.engine, self.req, f"the output of {where}")
+        if self.bar is not None:
+            self.bar.update(1)
+        return eps
+
+
 # --- checks -----------------------------------------------------------------------------------------------
 def check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scale, eta, seed, height, width,
                   batch_size, init_image, strength, mask, class_label, low_res_image, latents, timestep_spacing,
-                  output_type) -> Request:
+                  output_type, cache_interval=1, guidance_interval=None) -> Request:
     s = engine.summary
     if output_type not in OUTPUT_TYPES:
         raise InputError(f"output_type must be 'pil', 'np' or 'latent', not {output_type!r}")
@@ -184,6 +215,16 @@ def check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scal
             raise InputError(f"{name} must be a finite number, not {value!r}")
     if not _finite(strength) or not 0 <= strength <= 1:
         raise InputError(f"strength must be a number in [0, 1], not {strength!r}")
+    cache_interval = _integer(cache_interval, "cache_interval", 1)
+    if guidance_interval is not None:
+        try:
+            lo, hi = (float(v) for v in guidance_interval)
+        except (TypeError, ValueError):
+            raise InputError(f"guidance_interval must be (from, until), fractions of the steps, not "
+                             f"{guidance_interval!r}") from None
+        if not (0 <= lo <= hi <= 1):
+            raise InputError(f"guidance_interval must satisfy 0 <= from <= until <= 1, not ({lo}, {hi})")
+        guidance_interval = (lo, hi)
     if not isinstance(sampler, str) or not isinstance(timestep_spacing, str):
         raise InputError("sampler and timestep_spacing are names (see `ldmrt generate --help`)")
     init = None if init_image is None else image_tensor(init_image)
@@ -204,7 +245,7 @@ def check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scal
         raise InputError("mask needs init_image (the image to inpaint)")
     return Request(prompts, negatives, steps, sampler, scale, None if eta is None else float(eta), seed, height,
                    width, batch_size, float(strength), timestep_spacing, init, mask_t, low_res, class_label, latents,
-                   output_type)
+                   output_type, cache_interval, guidance_interval)
 
 
 def _texts(value, name) -> list[str] | None:

@@ -6,7 +6,9 @@ x_T is one) and shape, t is a float timestep (fractional with Karras sigmas), an
 It must not keep or modify x: x is the loop's own buffer, passed without a copy. With `guidance_scale` the
 callable receives the doubled batch [x; x] and must evaluate its first half with the unconditional and its
 second half with the conditional conditioning (it closes over both, e.g. c_in = cat([uc, c])); the loop makes
-that one call per evaluation and combines eps_u + s * (eps_c - eps_u).
+that one call per evaluation and combines eps_u + s * (eps_c - eps_u). (Plans with a guidance interval pass
+x alone on their unguided steps; plans with feature caching mark the stages whose evaluation may run the
+UNet's shallow branch: `plan.stages[i]["shallow"]` for the i-th call.)
 
 Latent conventions: the latent is always the variance-preserving x_t the eps-model takes (k-diffusion's
 x / sqrt(sigma^2 + 1)). x_T is unit Gaussian noise: CompVis samplers start from it as is, the k-diffusion ones
@@ -24,12 +26,18 @@ make_timesteps = _C.make_timesteps
 
 
 def make_plan(*, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform", steps_offset=0,
-              final_alpha_cumprod=None, strength=1.0):
+              final_alpha_cumprod=None, strength=1.0, cache_interval=1, guidance_interval=None):
     """Compile a sampler into an `ldmrt._C.Plan` (see csrc/include/ldmrt/plan.h); raises ValueError on bad
-    arguments (steps < 1 or > T, eta < 0, unknown sampler or spacing, strength outside [0, 1])."""
+    arguments (steps < 1 or > T, eta < 0, unknown sampler or spacing, strength outside [0, 1]).
+
+    cache_interval: DeepCache, the full UNet every N-th step and its shallow branch between (stage["shallow"]).
+    guidance_interval: (from, until) fractions of the steps where guidance applies (stage["guided"]); outside
+    it a guided loop makes one conditional evaluation of the batch alone."""
+    lo, hi = (0.0, 1.0) if guidance_interval is None else map(float, guidance_interval)
     return _C.make_plan(sampler, int(steps), _as_float64(alphas_cumprod), None if eta is None else float(eta),
                         timestep_spacing, int(steps_offset),
-                        None if final_alpha_cumprod is None else float(final_alpha_cumprod), float(strength))
+                        None if final_alpha_cumprod is None else float(final_alpha_cumprod), float(strength),
+                        int(cache_interval), (lo, hi))
 
 
 def randn(seed, shape, *, stream=0, dtype="float32"):
@@ -38,7 +46,8 @@ def randn(seed, shape, *, stream=0, dtype="float32"):
 
 
 def sample(eps_fn, x_T, *, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform", steps_offset=0,
-           final_alpha_cumprod=None, guidance_scale=None, x0=None, mask=None, strength=1.0, seed=0, noise_fn=None):
+           final_alpha_cumprod=None, guidance_scale=None, x0=None, mask=None, strength=1.0, seed=0, noise_fn=None,
+           guidance_interval=None):
     """Run a sampler from x_T (float32 or float64, numpy or CPU torch); returns a new latent of x_T's type.
 
     eta: DDIM's eta (default 0) or euler_ancestral's (default 1); other samplers take none.
@@ -53,10 +62,12 @@ def sample(eps_fn, x_T, *, sampler, steps, alphas_cumprod, eta=None, timestep_sp
         `noise_fn(draw)` returning unit normal noise of the latent's shape for draw 0, 1, ... (in loop order: per
         step the inpainting blend's draw, then the step's; none where the coefficient is 0), e.g.
         `lambda draw: torch.randn(shape, generator=g)` to reproduce a torch.Generator stream.
+    guidance_interval: (from, until) fractions of the steps with guidance; on the others eps_fn gets x alone
+        (not doubled) and must evaluate it with the conditional conditioning.
     """
     plan = make_plan(sampler=sampler, steps=steps, alphas_cumprod=alphas_cumprod, eta=eta,
                      timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                     final_alpha_cumprod=final_alpha_cumprod, strength=strength)
+                     final_alpha_cumprod=final_alpha_cumprod, strength=strength, guidance_interval=guidance_interval)
     return run(plan, eps_fn, x_T, guidance_scale=guidance_scale, x0=x0, mask=mask, seed=seed, noise_fn=noise_fn)
 
 

@@ -39,7 +39,7 @@ def test_torch_backend_matches_latent_diffusion_api():
     """Every graph of the contract against get_learned_conditioning / apply_model / decode / encode."""
     model = model_for("sd-v1")
     backend = TorchBackend(model)
-    assert backend.graphs == ("cond_stage", "unet", "decoder", "encoder")
+    assert backend.graphs == ("cond_stage", "unet", "unet_shallow", "decoder", "encoder")
     ids = torch.randint(0, 1000, (2, 77))
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0])
     image = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -51,7 +51,12 @@ def test_torch_backend_matches_latent_diffusion_api():
     out = backend.run("cond_stage", cond=ids)
     assert list(out) == ["context"] and out["context"].dtype == torch.float32
     assert torch.equal(out["context"], context)
-    assert torch.equal(backend.run("unet", x=x, t=t, context=context)["eps"], eps)
+    full = backend.run("unet", x=x, t=t, context=context)
+    assert torch.equal(full["eps"], eps)
+    # The shallow branch on the deep feature of the same x and t is the full UNet, to the bit (DeepCache's premise
+    # is only that the deep feature changes slowly between steps).
+    taken = {"context": context} if "context" in backend.input_names("unet_shallow") else {}
+    assert torch.equal(backend.run("unet_shallow", x=x, t=t, deep=full["deep"], **taken)["eps"], eps)
     assert torch.equal(backend.run("decoder", latent=x)["image"], decoded)
     enc = backend.run("encoder", image=image)
     assert torch.allclose(enc["mean"], model.scale_factor * posterior.mean)
@@ -62,7 +67,7 @@ def test_torch_backend_inpainting_contract():
     """inpainting_big: concat = [encoder mean / scale_factor (CompVis's unscaled h), mask at latent size]."""
     model = model_for("inpainting_big")
     backend = TorchBackend(model)
-    assert backend.graphs == ("unet", "decoder", "encoder")
+    assert backend.graphs == ("unet", "unet_shallow", "decoder", "encoder")
     image, mask = torch.rand(1, 3, 32, 32) * 2 - 1, (torch.rand(1, 1, 32, 32) > 0.5).float()
     masked = (1 - mask) * image
     h = backend.run("encoder", image=masked)["mean"] / model.scale_factor
@@ -95,7 +100,7 @@ def test_inputs_are_checked(celeba_engine):
 
 def test_onnxruntime_backend_matches_torch(celeba_engine):
     _, torch_backend, onnx_backend, _, _ = celeba_engine
-    assert onnx_backend.graphs == torch_backend.graphs == ("unet", "decoder", "encoder")
+    assert onnx_backend.graphs == torch_backend.graphs == ("unet", "unet_shallow", "decoder", "encoder")
     assert all(p == ["CPUExecutionProvider"] for p in onnx_backend.providers.values())
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([1.0, 250.0, 999.0])  # other batch and size than exported
     image = torch.rand(3, 3, 64, 64) * 2 - 1
@@ -173,3 +178,24 @@ def test_a_new_backend_is_one_module(monkeypatch, tmp_path):
     want = Engine.build("shapes", tmp_path / "torch", backend="torch", progress=None).generate(
         "a red circle", steps=2, output_type="latent")
     assert torch.equal(got, want) and runs.count("unet") == 2 and "cond_stage" in runs
+
+
+@pytest.mark.parametrize("flags,expected", [({"avx2"}, "fp32"), ({"avx2", "avx512_bf16"}, "bf16"),
+                                            ({"amx_tile", "amx_bf16"}, "bf16")])
+def test_fp16_on_a_cpu_means_bf16_only_where_the_cpu_has_it(monkeypatch, tmp_path, flags, expected):
+    """`--fp16` for CPU engines: bf16 where the CPU has bf16 instructions, fp32 where bf16 would be emulated
+    (slower than fp32); the manifest and Engine.precision say what runs."""
+    from ldmrt import machine
+    from ldmrt.engine import Engine
+    real = machine.cpu_features()
+    monkeypatch.setattr(machine, "cpu_features", lambda: {**real, "flags": {f: f in flags for f in machine.CPU_FLAGS}})
+    assert machine.cpu_reduced_precision() == expected
+    engine = Engine.build("shapes", tmp_path / "e", backend="torch", fp16=True, progress=None)
+    assert engine.manifest["precision"] == expected and engine.precision == expected
+    assert engine.backend.dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
+    if expected == "fp32":  # OpenVINO on an AVX2-only CPU: the manifest and the compiled model say f32
+        pytest.importorskip("openvino")
+        engine = Engine.build("shapes", tmp_path / "ov", backend="openvino", fp16=True, progress=None)
+        assert engine.manifest["precision"] == "fp32"
+        engine.generate("a red circle", steps=1, output_type="latent")
+        assert engine.backend.compiled_precision == "f32" and engine.precision == "fp32"

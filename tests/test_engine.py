@@ -229,3 +229,49 @@ def test_cli_build_and_generate(vocab, tmp_path, capsys):
     assert main(["generate", "x", "--engine", str(tmp_path / "eng"), "--height", "65", "-o",
                  str(tmp_path / "y.png")]) == 2
     assert "multiples of 64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_caching_and_guidance_interval_match_float64_reference(backend, vocab, tmp_path):
+    """cache_interval and guidance_interval on an engine against a float64 eager reference that applies DeepCache
+    and the interval by hand (full UNet where step % N == 0 or guidance switches, its shallow branch elsewhere)."""
+    from ldmrt.export.graphs import DEEP_CACHE_KEEP
+    from ldmrt.testing import sampling_reference
+
+    cfg, prompt, steps, interval, n = small("txt2img", size=8), "a red circle on the left", 6, (0, 0.5), 2
+    engine = Engine.build(cfg, tmp_path / "e", backend=backend, random_weights=True, tokenizer=vocab, progress=None)
+    kw = dict(sampler="dpmpp_2m", steps=steps, guidance_scale=4.0, seed=5, timestep_spacing="karras")
+    got = engine.generate(prompt, output_type="latent", cache_interval=n, guidance_interval=interval, **kw)
+
+    model = ldmrt.load_model(cfg, random_weights=True, tokenizer=vocab).double()
+    with torch.no_grad():
+        context = model.get_learned_conditioning(["", prompt])
+    state = {"calls": 0, "deep": None, "guided": None}
+
+    def eps_fn(x, t):
+        k, state["calls"] = state["calls"], state["calls"] + 1
+        guided = interval[0] <= k / steps < interval[1]
+        full = k % n == 0 or guided != state["guided"]
+        x = torch.as_tensor(x)
+        tt = torch.full((x.shape[0],), t, dtype=torch.float64)
+        c = [context if guided else context[1:]]
+        with torch.no_grad():
+            if full:
+                out, state["deep"] = model.model(x, tt, c_crossattn=c, keep=DEEP_CACHE_KEEP)
+                state["guided"] = guided
+            else:
+                deep = state["deep"] if state["deep"].shape[0] == x.shape[0] else state["deep"][-x.shape[0]:]
+                out = model.model(x, tt, c_crossattn=c, deep=deep, keep=DEEP_CACHE_KEEP)
+        return out.numpy()
+
+    x_T = randn(5, (1, 4, 8, 8)).astype(np.float64)
+    want = sampling_reference.sample_reference(eps_fn, x_T, sampler="dpmpp_2m", steps=steps, timestep_spacing="karras",
+                                               alphas_cumprod=model.schedule_alphas_cumprod, guidance_scale=4.0,
+                                               guidance_interval=interval)
+    assert state["calls"] == steps
+    print(f"{backend}: cached + interval vs float64 reference, rel L2 {rel_l2(got, want):.1e}")
+    assert rel_l2(got, want) < 1e-4
+    exact = engine.generate(prompt, output_type="latent", **kw)
+    assert rel_l2(got, exact) > 1e-3  # the approximation was applied
+    record = json.loads(engine.generate(prompt, cache_interval=n, guidance_interval=interval, **kw)[0].info["parameters"])
+    assert record["cache_interval"] == 2 and record["guidance_interval"] == [0.0, 0.5]

@@ -72,7 +72,7 @@ def check_family(name: str, tmp_path):
 def test_export_parity_fp32(name, tmp_path):
     exported = check_family(name, tmp_path)
     with_cond_stage = name in ("sd-v1", "cin256", "semantic_synthesis256")
-    assert list(exported) == ["cond_stage"] * with_cond_stage + ["unet", "decoder", "encoder"]
+    assert list(exported) == ["cond_stage"] * with_cond_stage + ["unet", "unet_shallow", "decoder", "encoder"]
     for graph, (inputs, outputs) in CONTRACT.items():
         if graph in exported:
             assert [i["name"] for i in exported[graph]["inputs"]] == inputs
@@ -83,6 +83,9 @@ def test_export_parity_fp32(name, tmp_path):
     conditioning = {"sd-v1": ["context"], "cin256": ["context"], "inpainting_big": ["concat"],
                     "semantic_synthesis256": ["concat"], "celeba256": []}[name]
     assert list(unet_inputs) == ["x", "t", *conditioning]
+    assert [o["name"] for o in exported["unet"]["outputs"]] == ["eps", "deep"]
+    shallow = [i["name"] for i in exported["unet_shallow"]["inputs"]]  # the context only where the branch attends
+    assert shallow[:2] == ["x", "t"] and shallow[-1] == "deep" and set(shallow) <= {"x", "t", "deep", *conditioning}
     if name == "inpainting_big":  # concat = encoder mean of the masked image (3) + mask (1)
         assert unet_inputs["concat"]["shape"][1] == 4
     if name == "cin256":
@@ -105,7 +108,7 @@ def test_export_fp16(tmp_path):
     model = model_for("semantic_synthesis256")
     exported = export_onnx(model, tmp_path, fp16=True, latent_size=unet_downsampling(model))
     assert {g: d["precision"] for g, d in exported.items()} == {
-        "cond_stage": "fp32", "unet": "fp16", "decoder": "fp16", "encoder": "fp16"}
+        "cond_stage": "fp32", "unet": "fp16", "unet_shallow": "fp16", "decoder": "fp16", "encoder": "fp16"}
     for desc in exported.values():
         onnx.checker.check_model(str(tmp_path / desc["file"]), full_check=True)
         assert {io["dtype"] for io in desc["inputs"] + desc["outputs"]} == {"float32"}
@@ -140,7 +143,7 @@ def test_x0_parameterization_graph_gives_eps():
     t = torch.tensor([3.0, 500.0])
     with torch.no_grad():
         expected = model.predict_eps(x, t.long(), model.apply_model(x, t))
-        eps = graph.module(x, t)
+        eps, _ = graph.module(x, t)
     # predict_eps reads the float32 alphas_cumprod buffer; the graph the float64 schedule, hence not exact.
     assert rel_l2(eps, expected) < 1e-5
 

@@ -281,3 +281,44 @@ def test_compvis_samplers_parity(data, name, eta):
     out = sampling.sample(lambda x, t: torch.from_numpy(eps(x.double().numpy(), t)), x_T, sampler=name, steps=20,
                           alphas_cumprod=model.alphas_cumprod, eta=eta, noise_fn=lambda draw: torch.randn(SHAPE))
     assert rel_l2(out.numpy(), expected.numpy()) <= 1e-5, rel_l2(out.numpy(), expected.numpy())
+
+
+# --- doing less per image: the plan's per-stage evaluation flags ---
+
+def flags(plan):
+    return [(s["guided"], s["shallow"]) for s in plan.stages]
+
+
+def test_plan_schedules_guidance_and_feature_caching():
+    plan = sampling.make_plan(sampler="ddim", steps=10, alphas_cumprod=AC, cache_interval=3, guidance_interval=(0, 0.5))
+    g, f = True, False  # full UNet on steps 0, 3, 6, 9 and where guidance switches off (step 5)
+    assert flags(plan) == [(g, f), (g, True), (g, True), (g, f), (g, True), (f, f), (f, f), (f, True), (f, True), (f, f)]
+    plms = sampling.make_plan(sampler="plms", steps=6, alphas_cumprod=AC, cache_interval=2, guidance_interval=(0.3, 1))
+    # CompVis' uniform spacing gives PLMS 7 steps here, the first evaluating twice, both full; guidance switches
+    # on at step 3 (3/7 >= 0.3), which runs full although 3 % 2 != 0
+    assert plms.num_steps == 7
+    assert flags(plms) == [(f, f), (f, f), (f, True), (f, f), (True, f), (True, f), (True, True), (True, f)]
+    exact = sampling.make_plan(sampler="dpmpp_2m", steps=5, alphas_cumprod=AC)
+    assert flags(exact) == [(True, False)] * 5
+    for kw, message in ((dict(cache_interval=0), "cache_interval must be >= 1"),
+                        (dict(guidance_interval=(0.6, 0.2)), "0 <= from <= until <= 1")):
+        with pytest.raises(ValueError, match=message):
+            sampling.make_plan(sampler="ddim", steps=4, alphas_cumprod=AC, **kw)
+
+
+def interval_eps(mean_u, mean_c, std, batch):
+    """guided_gaussian_eps for [uncond; cond] calls, and the conditional one for calls with the batch alone."""
+    guided, cond = guided_gaussian_eps(mean_u, mean_c, std), gaussian_eps(mean_c, std)
+    return lambda x, t: guided(x, t) if x.shape[0] == 2 * batch else cond(x, t)
+
+
+@pytest.mark.parametrize("interval", [(0, 0.7), (0.3, 1), (0.2, 0.6), (0, 0)])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral"])
+def test_guidance_interval_matches_reference(data, sampler, interval):
+    eps = interval_eps(data["mean"], data["mean_c"], 0.7, batch=SHAPE[0])
+    kw = dict(sampler=sampler, steps=10, alphas_cumprod=AC, guidance_scale=6.0, guidance_interval=interval,
+              timestep_spacing="karras" if sampler in ("euler", "euler_ancestral", "dpmpp_2m") else "uniform")
+    out, expected = both(eps, data["x_T"], "float64", **kw)
+    assert rel_l2(out, expected) <= 1e-6
+    full, _ = both(eps, data["x_T"], "float64", **{**kw, "guidance_interval": None})
+    assert rel_l2(out, full) > 1e-3  # the interval changes the result: it was applied

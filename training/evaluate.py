@@ -10,6 +10,11 @@ Backends:
 
     python training/evaluate.py --backends eager-fp32 onnxruntime-fp32 torch-bf16 \
         --samplers ddim dpmpp_2m --steps 20 50 --prompts 90
+
+Fast modes (engine backends): --modes exact cache2 cache3 cache5 cut30 cut50 cache3+cut30 ... runs each mode and
+reports, beside adherence, the PSNR and rel L2 of its images against the exact images of the same seeds:
+  cacheN   feature caching (DeepCache): the full UNet every N-th step, its shallow branch between
+  cutP     guidance truncation: no guidance on the last P% of the steps (guidance_interval (0, 1 - P/100))
 """
 from __future__ import annotations
 
@@ -43,10 +48,34 @@ def engine_images(model_dir: Path, backend: str, fp16: bool, workdir: Path):
     engine = Engine.build(config=str(model_dir / "config.yaml"), ckpt=str(model_dir / "model.ckpt"),
                           out_dir=workdir / f"{backend}-{fp16}", backend=backend, fp16=fp16, progress=None)
 
-    def generate(prompts, sampler, steps, guidance):
+    def generate(prompts, sampler, steps, guidance, **fast):
         return [engine.generate(p, sampler=sampler, steps=steps, guidance_scale=guidance, seed=i,
-                                output_type="np")[0] for i, p in enumerate(prompts)]
+                                output_type="np", **fast)[0] for i, p in enumerate(prompts)]
     return generate
+
+
+def mode_settings(mode: str) -> dict:
+    """generate's settings of a fast mode: "exact", "cacheN", "cutP", or several joined by "+"."""
+    settings = {}
+    for part in mode.split("+"):
+        if part.startswith("cache"):
+            settings["cache_interval"] = int(part[5:])
+        elif part.startswith("cut"):
+            settings["guidance_interval"] = (0.0, 1 - int(part[3:]) / 100)
+        elif part != "exact":
+            raise SystemExit(f"unknown mode {part!r}: exact, cacheN, cutP, joined by +")
+    return settings
+
+
+def psnr(images, reference) -> float:
+    mse = float(np.mean([(np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
+                         for a, b in zip(images, reference)]))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def rel_l2(images, reference) -> float:
+    a, b = np.stack(images).astype(np.float64), np.stack(reference).astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def to_uint8(image) -> np.ndarray:
@@ -78,13 +107,17 @@ def main(argv=None):
     ap.add_argument("--grid", type=Path, help="save the first run's first 32 images as a PNG grid")
     ap.add_argument("--list-prompts", action="store_true", help="print the prompts and their scores")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--modes", nargs="+", default=["exact"], help="fast modes of engine backends (see above)")
     args = ap.parse_args(argv)
+    if args.modes != ["exact"] and any(b.startswith("eager") for b in args.backends):
+        raise SystemExit("--modes needs engine backends (onnxruntime-fp32, torch-bf16)")
     torch.set_num_threads(args.threads)
     prompts = [p for p, _ in dataset.evaluation_prompts(args.prompts, two_shape_prob=args.two_shape_prob)]
 
     print(f"{len(prompts)} held-out prompts, guidance {args.guidance}")
-    print("| backend | sampler | steps | background | colour | position | size | kind | all attributes | whole prompt | s/image |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| backend | sampler | steps | mode | background | colour | position | size | kind | all attributes | "
+          "whole prompt | s/image | PSNR vs exact | rel L2 vs exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for backend in args.backends:
             if backend.startswith("eager"):
@@ -94,15 +127,21 @@ def main(argv=None):
                 generate = engine_images(args.model, name, backend.endswith("bf16"), Path(work))
             for sampler in args.samplers:
                 for steps in args.steps:
-                    t0 = time.perf_counter()
-                    images = generate(prompts, sampler, steps, args.guidance)
-                    per_image = (time.perf_counter() - t0) / len(prompts)
-                    scores = [adherence.score(p, to_uint8(im)) for p, im in zip(prompts, images)]
-                    s = adherence.summarize(scores)
-                    print(f"| {backend} | {sampler} | {steps} | " + " | ".join(
-                        f"{100 * s.get(k, float('nan')):.0f}%" for k in
-                        ("background", "colour", "position", "size", "kind", "attributes", "all"))
-                        + f" | {per_image:.2f} |", flush=True)
+                    exact = None
+                    for mode in (["exact"] + [m for m in args.modes if m != "exact"]):
+                        t0 = time.perf_counter()
+                        images = generate(prompts, sampler, steps, args.guidance, **mode_settings(mode))
+                        per_image = (time.perf_counter() - t0) / len(prompts)
+                        exact = images if exact is None else exact
+                        if mode not in args.modes:
+                            continue
+                        scores = [adherence.score(p, to_uint8(im)) for p, im in zip(prompts, images)]
+                        s = adherence.summarize(scores)
+                        print(f"| {backend} | {sampler} | {steps} | {mode} | " + " | ".join(
+                            f"{100 * s.get(k, float('nan')):.0f}%" for k in
+                            ("background", "colour", "position", "size", "kind", "attributes", "all"))
+                            + f" | {per_image:.2f} | {psnr(images, exact):.1f} | {rel_l2(images, exact):.3f} |",
+                            flush=True)
                     if args.list_prompts:
                         for p, sc in zip(prompts, scores):
                             print("   ", "ok  " if all(sc.values()) else "FAIL", p,

@@ -1,5 +1,6 @@
 // ldmrt_generate ENGINE PROMPT OUT.png [--steps N] [--seed S] [--guidance G] [--sampler NAME] [--size PX]
-//                [--batch B] [--class LABEL] [--threads T] [--latent OUT.f32]
+//                [--batch B] [--class LABEL] [--threads T] [--latent OUT.f32] [--cache N]
+//                [--guidance-from F] [--guidance-until F]
 // Writes OUT.png (batch > 1: OUT-0.png, OUT-1.png, ...); --latent also writes the sampled latent as raw
 // float32 values (for comparisons with Python's Engine).
 #include <cstdlib>
@@ -13,7 +14,8 @@
 int main(int argc, char** argv) {
   if (argc < 4) {
     std::cerr << "usage: " << argv[0] << " ENGINE PROMPT OUT.png [--steps N] [--seed S] [--guidance G] [--sampler NAME]"
-              << " [--size PX] [--batch B] [--class LABEL] [--threads T] [--latent OUT.f32]\n";
+              << " [--size PX] [--batch B] [--class LABEL] [--threads T] [--latent OUT.f32] [--cache N]"
+              << " [--guidance-from F] [--guidance-until F]\n";
     return 2;
   }
   const std::string engine_dir = argv[1], out = argv[3];
@@ -31,6 +33,9 @@ int main(int argc, char** argv) {
     else if (flag == "--class") options.class_label = std::stoll(value);
     else if (flag == "--threads") engine_options.threads = std::stoi(value);
     else if (flag == "--latent") latent_file = value;
+    else if (flag == "--cache") options.cache_interval = std::stoi(value);
+    else if (flag == "--guidance-from") options.guidance_from = std::stod(value);
+    else if (flag == "--guidance-until") options.guidance_until = std::stod(value);
     else { std::cerr << "unknown option " << flag << "\n"; return 2; }
   }
   try {

@@ -39,6 +39,9 @@ class Backend:
     def graphs(self) -> tuple[str, ...]:
         return tuple(self._io)
 
+    def input_names(self, graph: str) -> list[str]:
+        return list(self._io[graph][0]) if graph in self._io else []
+
     def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
         if graph not in self._io:
             raise MissingGraphError(f"no graph {graph!r} in this engine; it has {', '.join(self._io)} (rebuild it "

@@ -29,7 +29,9 @@ def export(model, out, *, summary, fp16, progress) -> Exported:
     """fp32 graphs: OpenVINO's CPU plugin lowers them to bf16 itself when asked (the fastest CPU path measured,
     benchmarks/README.md), keeping its own fp32 islands."""
     from ..export.onnx import export_onnx
-    return Exported("bf16" if fp16 else "fp32", export_onnx(model, out), "cpu")
+    from ..machine import cpu_reduced_precision
+    # Where the CPU lacks bf16 instructions the plugin runs f32 whatever it is asked: record what runs.
+    return Exported(cpu_reduced_precision() if fp16 else "fp32", export_onnx(model, out), "cpu")
 
 
 def load(folder, manifest, *, threads=None, **_) -> "OpenVinoBackend":
@@ -64,6 +66,11 @@ class OpenVinoBackend(Backend):
         super().__init__(io)
         self._compiled = {}  # (graph, input shapes) -> openvino InferRequest
         self.compiled_precision: str | None = None
+
+    @property
+    def running_precision(self) -> str:
+        """What the plugin runs, read back from the last compiled model (before any: what was asked)."""
+        return {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(self.compiled_precision, self.precision)
 
     def _run(self, graph: str, inputs: list[torch.Tensor]):
         feeds = [x.detach().cpu().numpy() for x in inputs]

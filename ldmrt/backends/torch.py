@@ -30,11 +30,17 @@ def export(model, out, *, summary, fp16, progress) -> Exported:
 
     from ..checkpoint import save_checkpoint
     from ..files import atomic_write
-    # On a CPU the reduced precision that runs well is bf16 (fp16 CPU kernels are slow or missing).
     save_checkpoint(model, out / "model.safetensors")
     atomic_write(out / "config.yaml", yaml.safe_dump({"model": model.ldmrt_config}, sort_keys=False))
-    return Exported("bf16" if fp16 else "fp32", {"model": {"file": "model.safetensors", "config": "config.yaml"}},
-                    "cpu")
+    return Exported(reduced_precision() if fp16 else "fp32",
+                    {"model": {"file": "model.safetensors", "config": "config.yaml"}}, "cpu")
+
+
+def reduced_precision() -> str:
+    """What --fp16 records: "bf16" (run as fp16 on CUDA; fp16 CPU kernels are slow or missing) where a GPU or
+    the CPU's bf16 instructions run it, "fp32" on CPUs that would only emulate bf16."""
+    from ..machine import cpu_reduced_precision
+    return "bf16" if torch.cuda.is_available() else cpu_reduced_precision()
 
 
 def load(folder, manifest, *, device=None, tokenizer=None, **_) -> "TorchBackend":
@@ -45,8 +51,12 @@ def load(folder, manifest, *, device=None, tokenizer=None, **_) -> "TorchBackend
                      tokenizer=tokenizer or False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[manifest["precision"]]
-    if dtype == torch.bfloat16 and device.startswith("cuda"):
+    if dtype != torch.float32 and device.startswith("cuda"):
         dtype = torch.float16  # "--fp16" engines: bf16 is the CPU's stand-in, GPUs run fp16
+    elif dtype != torch.float32:
+        from ..machine import cpu_reduced_precision
+        if cpu_reduced_precision() == "fp32":  # built elsewhere; here bf16 would only be emulated
+            dtype = torch.float32
     return TorchBackend(ldm, device=device, dtype=dtype)
 
 
@@ -75,6 +85,11 @@ class TorchBackend(Backend):
                 unet.alphas_cumprod = unet.alphas_cumprod.to(self.device)
             if cuda_graphs:
                 self._graphed["unet"] = CudaGraphRunner(unet, self.device)
+
+    @property
+    def precision(self) -> str:
+        """What this backend computes in, here (a bf16 engine runs fp32 on a CPU without bf16, fp16 on CUDA)."""
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     def _run(self, graph: str, inputs: list[torch.Tensor]):
         # The graph modules cast floating inputs to their own dtype and return float32.

@@ -51,15 +51,18 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
 
-    def forward(self, x, t, c_concat: list | None = None, c_crossattn: list | None = None):
+    def forward(self, x, t, c_concat: list | None = None, c_crossattn: list | None = None, **cache):
+        """cache: keep=k (also return the UNet's deep feature) or deep=feature, keep=k (its shallow branch
+        only): DeepCache, see UNetModel.forward and UNetModel.shallow."""
         key = self.conditioning_key
         if key in ("concat", "hybrid"):
             x = torch.cat([x, *c_concat], dim=1)
-        if key in ("crossattn", "hybrid"):
-            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+        run = self.diffusion_model.shallow if "deep" in cache else self.diffusion_model
+        if key in ("crossattn", "hybrid"):  # (a shallow branch without cross-attention is given no context)
+            return run(x, t, context=torch.cat(c_crossattn, 1) if c_crossattn else None, **cache)
         if key == "adm":
-            return self.diffusion_model(x, t, y=c_crossattn[0])
-        return self.diffusion_model(x, t)
+            return run(x, t, y=c_crossattn[0], **cache)
+        return run(x, t, **cache)
 
 
 class LatentDiffusion(nn.Module):

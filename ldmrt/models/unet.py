@@ -219,21 +219,44 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
 
-    def forward(self, x, timesteps, context=None, y=None):
+    def forward(self, x, timesteps, context=None, y=None, *, keep: int = 0):
         """x (N, in_channels, H, W), timesteps (N,), context (N, M, context_dim) for cross-attention,
-        y (N,) class labels iff num_classes was given -> (N, out_channels, H, W)."""
-        if (y is not None) != (self.num_classes is not None):
-            raise ValueError("pass y if and only if the model is class-conditional")
-        t_emb = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
-        emb = self.time_embed(t_emb)
-        if y is not None:
-            emb = emb + self.label_emb(y)
+        y (N,) class labels iff num_classes was given -> (N, out_channels, H, W).
+
+        keep > 0 (DeepCache, Ma et al. 2024): also return the deep feature, the input of output_blocks[-keep],
+        which `shallow` takes in place of everything between input_blocks[keep - 1] and output_blocks[-keep]."""
+        emb = self._embedding(timesteps, y)
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        deep = None
+        for i, block in enumerate(self.output_blocks):
+            if i == len(self.output_blocks) - keep:
+                deep = h
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        out = self.out[2](ops.group_norm(h, self.out[0], silu=True))
+        return (out, deep) if keep else out
+
+    def shallow(self, x, timesteps, deep, context=None, y=None, *, keep: int):
+        """The UNet's outermost `keep` skip branches on a deep feature from forward(..., keep=keep): the first
+        `keep` input blocks, whose outputs are exactly the skips the last `keep` output blocks take."""
+        emb = self._embedding(timesteps, y)
+        skips = []
+        h = x
+        for block in self.input_blocks[:keep]:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = deep
+        for block in self.output_blocks[len(self.output_blocks) - keep:]:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out[2](ops.group_norm(h, self.out[0], silu=True))
+
+    def _embedding(self, timesteps, y):
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("pass y if and only if the model is class-conditional")
+        t_emb = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
+        emb = self.time_embed(t_emb)
+        return emb + self.label_emb(y) if y is not None else emb

@@ -87,13 +87,16 @@ def make_timesteps(spacing, steps, alphas_cumprod, steps_offset=0):
 
 
 class _Model:
-    """Calls eps_fn once per evaluation, with the doubled batch [x; x] under guidance, and combines."""
+    """Calls eps_fn once per evaluation, with the doubled batch [x; x] under guidance, and combines. With a
+    guidance interval (lo, hi) over n steps, evaluation k is guided when lo <= k / n < hi, else eps_fn gets x
+    alone (samplers with one evaluation per step: not PLMS, whose first step evaluates twice)."""
 
-    def __init__(self, eps_fn, guidance_scale):
-        self.eps_fn, self.scale = eps_fn, guidance_scale
+    def __init__(self, eps_fn, guidance_scale, interval=None, steps=1):
+        self.eps_fn, self.scale, self.interval, self.steps, self.calls = eps_fn, guidance_scale, interval, steps, 0
 
     def __call__(self, x, t):
-        if self.scale is None:
+        k, self.calls = self.calls, self.calls + 1
+        if self.scale is None or (self.interval is not None and not self.interval[0] <= k / self.steps < self.interval[1]):
             return np.asarray(self.eps_fn(x, t), dtype=np.float64)
         eps_u, eps_c = np.split(np.asarray(self.eps_fn(np.concatenate([x, x]), t), dtype=np.float64), 2)
         return eps_u + self.scale * (eps_c - eps_u)
@@ -111,15 +114,15 @@ class _Noise:
 
 def sample_reference(eps_fn, x_T, *, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform",
                      steps_offset=0, final_alpha_cumprod=None, guidance_scale=None, x0=None, mask=None,
-                     strength=1.0, noise_fn=None):
+                     strength=1.0, noise_fn=None, guidance_interval=None):
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     x_T = np.asarray(x_T, dtype=np.float64)
     x0 = None if x0 is None else np.asarray(x0, dtype=np.float64)
     mask = None if mask is None else np.broadcast_to(np.asarray(mask, dtype=np.float64), x_T.shape)
-    model, noise = _Model(eps_fn, guidance_scale), _Noise(noise_fn)
     ts = make_timesteps(timestep_spacing, steps, ac, steps_offset)
     keep = int(strength * len(ts))
     ts = ts[len(ts) - keep:]
+    model, noise = _Model(eps_fn, guidance_scale, guidance_interval, len(ts)), _Noise(noise_fn)
     if keep == 0:
         return x0.copy()
     if sampler in ("ddim", "plms"):

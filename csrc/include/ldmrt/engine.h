@@ -50,6 +50,10 @@ struct GenerateOptions {
   // Token ids instead of prompt / negative_prompt (a host with its own tokenizer): max_length ids each, as
   // the cond stage takes them. Empty: the engine's tokenizer tokenises the text.
   std::vector<std::int64_t> token_ids{}, negative_token_ids{};
+  // Doing less per image, as Python's cache_interval and guidance_interval (SamplerConfig): the full UNet every
+  // cache_interval-th step and its shallow branch between; guidance only on steps in [from, until).
+  int cache_interval = 1;
+  double guidance_from = 0, guidance_until = 1;
 };
 
 struct Image {

@@ -12,7 +12,9 @@ namespace ldmrt {
 
 // The eps model: given `count` input values (the batch, or with guidance the doubled batch [x; x] whose first
 // half is evaluated with the unconditional and second with the conditional conditioning) at timestep t, return a
-// pointer to `count` eps values that stays valid until the next call.
+// pointer to `count` eps values that stays valid until the next call. It is called once per plan stage, in
+// order, so a model that follows the stages' `shallow` flags counts its calls; in a guided run a stage with
+// guided == false passes the batch alone (evaluate it with the conditional conditioning).
 template <typename Real>
 using EpsModel = std::function<const Real*(const Real* x, std::size_t count, double t)>;
 

@@ -18,6 +18,13 @@ enum class Buffer { Latent, Trial };  // Trial: the extra latent of a two-evalua
 struct Stage {
   double timestep = 0;                 // model timestep, fractional for Karras sigmas
   Buffer model_input = Buffer::Latent;  // the buffer the model evaluates
+  // Which evaluation the model makes (the model follows them; the loop only sizes the call):
+  // guided: in a guided run, the doubled [uncond; cond] batch; false: the conditional batch alone (guidance
+  //   interval: Kynkaanniemi et al. 2024), and eps is that output.
+  // shallow: DeepCache (Ma et al. 2024): only the UNet's shallow branch, on the deep feature kept by the last
+  //   full evaluation; false: the full UNet, whose deep feature the model keeps.
+  bool guided = true;
+  bool shallow = false;
 
   // Inpainting: a stage that starts a step first blends, where mask == 1, the known latent noised to this
   // step's level: latent = mask * (blend_x0 * x0 + blend_noise * noise) + (1 - mask) * latent (CompVis).

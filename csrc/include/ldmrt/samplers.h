@@ -22,6 +22,12 @@ struct SamplerConfig {
   std::optional<double> final_alpha_cumprod;
   // img2img: run only the last int(strength * steps) steps, starting from x0 noised to the first of them.
   double strength = 1;
+  // DeepCache: the full UNet on every cache_interval-th step (and where guidance switches on or off), its
+  // shallow branch in between. 1: always the full UNet (exact).
+  int cache_interval = 1;
+  // Guidance only on the steps k (0-based, of the n the plan runs) with guidance_from <= k / n < guidance_until;
+  // elsewhere one conditional evaluation. (0, 1): every step (exact).
+  double guidance_from = 0, guidance_until = 1;
 };
 
 // Throws std::invalid_argument with a clear message for any bad argument.
