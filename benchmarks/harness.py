@@ -9,9 +9,11 @@ to the fp32 reference (ldmrt-torch-fp32, else diffusers-fp32) on the same inputs
 by torch's FlopCounterMode on the fp32 graph) and the FLOP/s achieved. Memory: the resident-set growth
 while a variant is prepared (its weights, caches) and the peak growth during its timed calls.
 
-End-to-end seconds per image are composed from the medians: text encoder + steps x UNet step + decoder
-(batch 2 = one classifier-free guided step, decoder batch 1); the sampler loop's own cost is ~1 ms a step
-(benchmarks/sampler_overhead.py).
+End-to-end seconds per image are composed from the medians: text encoder + the sampler plan's UNet calls +
+decoder (batch 2 = one classifier-free guided step, decoder batch 1); the sampler loop's own cost is ~1 ms a
+step (benchmarks/sampler_overhead.py). Per `--modes` (exact; cacheN: feature caching every N-th step; cutP:
+no guidance on the last P% of the steps; joined by +) the plan says which call each step is: a full guided
+step (unet), a conditional one (unet_cond), or the cached versions of either (unet_shallow[_cond]).
 
 Writes bench.json, bench.md (tables) and bench.png (ratios) to --out.
 """
@@ -37,7 +39,9 @@ import torch
 from .models import make_peers, save_diffusers_folder
 from .variants import VARIANTS, Unavailable
 
-COMPONENTS = ("text_encoder", "unet", "decoder")
+COMPONENTS = ("text_encoder", "unet", "unet_cond", "unet_shallow", "unet_shallow_cond", "decoder")
+STEP_COMPONENTS = {(True, False): "unet", (False, False): "unet_cond", (True, True): "unet_shallow",
+                   (False, True): "unet_shallow_cond"}  # (guided, shallow) of a plan stage -> what it runs
 DEFAULT_VARIANTS = [name for name, v in VARIANTS.items() if not v.optional]
 REFERENCES = ("ldmrt-torch-fp32", "diffusers-fp32")
 
@@ -74,14 +78,21 @@ def share_peer_weights(ldm, peers, folder: Path) -> None:
         convert_text_encoder_state_dict(peers.text_encoder.state_dict()), strict=True, assign=True)
 
 
-def make_inputs(component: str, size: int, peers, batch: int, seed: int = 0) -> list[torch.Tensor]:
+def make_inputs(component: str, size: int, bench: "Bench", batch: int, seed: int = 0) -> list[torch.Tensor]:
+    peers = bench.peers
     g = torch.Generator().manual_seed(seed)
     latent = size // peers.latent_factor
     if component == "text_encoder":
         return [torch.randint(0, peers.vocab_size, (batch, peers.max_length), generator=g)]
-    if component == "unet":
-        return [torch.randn(batch, 4, latent, latent, generator=g), torch.full((batch,), 500.0),
-                torch.randn(batch, peers.max_length, peers.context_dim, generator=g)]
+    if component.startswith("unet"):
+        b = batch if component in ("unet", "unet_shallow") else max(1, batch // 2)
+        inputs = [torch.randn(b, 4, latent, latent, generator=g), torch.full((b,), 500.0),
+                  torch.randn(b, peers.max_length, peers.context_dim, generator=g)]
+        if "shallow" in component:  # the deep feature of ldmrt's fp32 UNet on these inputs: the exact cached step
+            from ldmrt.export.graphs import graph_modules
+            with torch.no_grad():
+                inputs.append(graph_modules(bench.ldm)["unet"](*inputs)[1])
+        return inputs
     return [torch.randn(1, 4, latent, latent, generator=g)]
 
 
@@ -95,9 +106,11 @@ def count_flops(ldm, component: str, inputs) -> int:
     with torch.device("meta"):
         meta_model = instantiate_from_config(ldm.ldmrt_config)
     module = graph_modules(meta_model)[GRAPHS[component]]
+    from .variants import GRAPH_INPUTS
+    feeds = [x.to("meta") for n, x in zip(GRAPH_INPUTS[component], inputs) if n in module.input_names]
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        module(*[x.to("meta") for x in inputs])
+        module(*feeds)
     return int(counter.get_total_flops())
 
 
@@ -129,7 +142,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def measure(bench: Bench, component: str, size: int, variants: list[str], args, log) -> list[dict]:
-    inputs = make_inputs(component, size, bench.peers, args.batch)
+    inputs = make_inputs(component, size, bench, args.batch)
     calls, rows = {}, {}
     for name in variants:
         row = rows[name] = {"size": size, "component": component, "variant": name,
@@ -180,8 +193,29 @@ def measure(bench: Bench, component: str, size: int, variants: list[str], args, 
     return list(rows.values())
 
 
-def add_derived(rows: list[dict], baseline: str, flops: dict, steps: int) -> list[dict]:
-    """Ratios to the baseline of the same size and component, FLOP/s, and composed end-to-end seconds."""
+def step_counts(mode: str, sampler: str, steps: int) -> dict[str, int]:
+    """{component: calls} of one image's sampler loop in `mode`, from the plan ldmrt compiles for it."""
+    from ldmrt.sampling import make_alphas_cumprod, make_plan
+    settings = {}
+    for part in mode.split("+"):
+        if part.startswith("cache"):
+            settings["cache_interval"] = int(part[5:])
+        elif part.startswith("cut"):
+            settings["guidance_interval"] = (0.0, 1 - int(part[3:]) / 100)
+        elif part != "exact":
+            raise SystemExit(f"unknown mode {part!r}: exact, cacheN, cutP, joined by +")
+    plan = make_plan(sampler=sampler, steps=steps, alphas_cumprod=make_alphas_cumprod("linear", 1000), **settings)
+    counts = dict.fromkeys(STEP_COMPONENTS.values(), 0)
+    for stage in plan.stages:
+        counts[STEP_COMPONENTS[(stage["guided"], stage["shallow"])]] += 1
+    return counts
+
+
+def add_derived(rows: list[dict], baseline: str, flops: dict, steps: int, modes=("exact",),
+                sampler: str = "ddim") -> list[dict]:
+    """Ratios to the baseline of the same size and component, FLOP/s, and composed end-to-end seconds per
+    mode: text encoder + each plan stage's UNet call + decoder (a variant without a call a mode needs, e.g.
+    no feature caching, has no row for that mode)."""
     medians = {(r["size"], r["component"], r["variant"]): r["median_s"] for r in rows if "median_s" in r}
     for r in rows:
         if "median_s" not in r:
@@ -191,17 +225,21 @@ def add_derived(rows: list[dict], baseline: str, flops: dict, steps: int) -> lis
         r["gflop"] = flops[(r["size"], r["component"])] / 1e9
         r["gflop_per_s"] = r["gflop"] / r["median_s"]
     e2e = []
-    for size in sorted({r["size"] for r in rows}):
-        for variant in dict.fromkeys(r["variant"] for r in rows):
-            parts = [medians.get((size, c, variant)) for c in COMPONENTS]
-            if None in parts:
-                continue
-            text = parts[0]
-            e2e.append({"size": size, "variant": variant, "steps": steps,
-                        "seconds_per_image": text + steps * parts[1] + parts[2]})
-    base = {e["size"]: e["seconds_per_image"] for e in e2e if e["variant"] == baseline}
+    for steps, mode in ((n, m) for n in ([steps] if isinstance(steps, int) else steps) for m in modes):
+        counts = {c: n for c, n in step_counts(mode, sampler, steps).items() if n}
+        for size in sorted({r["size"] for r in rows}):
+            for variant in dict.fromkeys(r["variant"] for r in rows):
+                parts = {c: medians.get((size, c, variant)) for c in ("text_encoder", "decoder", *counts)}
+                if None in parts.values():
+                    continue
+                seconds = parts["text_encoder"] + parts["decoder"] + sum(n * parts[c] for c, n in counts.items())
+                e2e.append({"size": size, "variant": variant, "mode": mode, "steps": steps, "calls": counts,
+                            "seconds_per_image": seconds})
+    base = {(e["size"], e["steps"]): e["seconds_per_image"] for e in e2e
+            if e["variant"] == baseline and e["mode"] == "exact"}
     for e in e2e:
-        e["ratio_vs_baseline"] = e["seconds_per_image"] / base[e["size"]] if e["size"] in base else None
+        key = (e["size"], e["steps"])
+        e["ratio_vs_baseline"] = e["seconds_per_image"] / base[key] if key in base else None
     return e2e
 
 
@@ -265,13 +303,13 @@ def run(args, log=print) -> dict:
                     rows += [dict(r, size=size) for r in rows if r["component"] == component]
                     flops[(size, component)] = flops[(args.sizes[0], component)]
                     continue
-                inputs = make_inputs(component, size, peers, args.batch)
+                inputs = make_inputs(component, size, bench, args.batch)
                 flops[(size, component)] = count_flops(bench.ldm, component, inputs)
                 rows += measure(bench, component, size, variants, args, log)
                 gc.collect()
                 # what is measured so far, in case a later (bigger) shape does not finish
-                result.update(facts=bench.facts, e2e=add_derived(rows, args.baseline, flops, args.steps),
-                              results=rows, finished=None)
+                result.update(facts=bench.facts, results=rows, finished=None,
+                              e2e=add_derived(rows, args.baseline, flops, args.steps, args.modes, args.sampler))
                 write_report(result, out)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     result["machine"]["load_average_end"] = os.getloadavg()
@@ -293,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="UNet / text encoder batch (2: one guided step)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first (>= 1)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps for the composed end-to-end time")
+    p.add_argument("--steps", type=int, nargs="+", default=[50], help="sampler steps of the composed end-to-end "
+                   "times (each)")
+    p.add_argument("--sampler", default="ddim", help="sampler whose plan composes the end-to-end time")
+    p.add_argument("--modes", nargs="+", default=["exact"], help="exact, cacheN (feature caching), cutP (no "
+                   "guidance on the last P%% of the steps), joined by +: composed end-to-end times for each")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="where the temporary diffusers folder and exports go")

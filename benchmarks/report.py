@@ -6,7 +6,9 @@ from pathlib import Path
 
 from ldmrt.files import atomic_write
 
-COMPONENT_TITLES = {"text_encoder": "text encoder", "unet": "UNet step", "decoder": "VAE decode"}
+COMPONENT_TITLES = {"text_encoder": "text encoder", "unet": "UNet step", "unet_cond": "UNet step, unguided",
+                    "unet_shallow": "UNet cached step", "unet_shallow_cond": "UNet cached step, unguided",
+                    "decoder": "VAE decode"}
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -48,12 +50,18 @@ def markdown(result: dict) -> str:
                 f"{_fmt(r.get('ratio_vs_baseline'), '.2f')} | {r['gflop_per_s']:.0f} | "
                 f"{_fmt(r.get('rel_l2_vs_fp32'), '.1e')} | {r['setup_s']:.1f} | {r['first_call_s']:.2f} | "
                 f"{r['setup_rss_mb']:.0f} | {_fmt(r.get('run_peak_mb'), '.0f')} |")
-        e2e = [e for e in result["e2e"] if e["size"] == size]
-        if e2e:
-            lines += ["", f"End to end ({e2e[0]['steps']} steps, composed from the medians: text encoder + steps x "
-                      "UNet step + decode):", "", "| variant | s / image | ratio |", "|---|---:|---:|"]
-            lines += [f"| {e['variant']} | {e['seconds_per_image']:.1f} | {_fmt(e['ratio_vs_baseline'], '.2f')} |"
-                      for e in e2e]
+        for steps in dict.fromkeys(e["steps"] for e in result["e2e"]):
+            e2e = [e for e in result["e2e"] if e["size"] == size and e["steps"] == steps]
+            if not e2e:
+                continue
+            lines += ["", f"End to end ({steps} {cfg.get('sampler', 'ddim')} steps, composed from the "
+                      f"medians: text encoder + the plan's UNet calls + decode; ratio to {result['baseline']} exact):",
+                      "", "| variant | mode | UNet calls (full guided / unguided / cached / cached unguided) | "
+                      "s / image | ratio |", "|---|---|---|---:|---:|"]
+            lines += [f"| {e['variant']} | {e['mode']} | "
+                      + " / ".join(str(e["calls"].get(c, 0)) for c in ("unet", "unet_cond", "unet_shallow",
+                                                                        "unet_shallow_cond"))
+                      + f" | {e['seconds_per_image']:.1f} | {_fmt(e['ratio_vs_baseline'], '.2f')} |" for e in e2e]
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,14 @@ inputs and returns its output as a float32 tensor; it raises `Unavailable` when 
 (a peer not installed). Components and their inputs (float32 / int64 CPU tensors, see harness.make_inputs):
 
     text_encoder  ids (B, L) int64                      -> context (B, L, D)
-    unet          x (B, 4, h, w), t (B,), context       -> eps (B, 4, h, w)
+    unet          x (B, 4, h, w), t (B,), context       -> eps (B, 4, h, w)      one guided step
+    unet_cond     the same at batch B / 2                                         a step outside the guidance interval
+    unet_shallow  x, t, context, deep (ldmrt's UNet's)   -> eps                   a cached step (feature caching)
+    unet_shallow_cond  the same at batch B / 2
     decoder       latent (1, 4, h, w), scaled as sampled -> image (1, 3, H, W)
+
+Cached steps run where a runtime has feature caching: ldmrt's unet_shallow graph, and diffusers through the
+DeepCache package's helper (diffusers-bf16-deepcache; its own cached feature, from a full call on the same x).
 
 Peers take the diffusers/transformers modules holding the same tensors as ldmrt's model (harness.Bench).
 """
@@ -22,9 +28,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-GRAPHS = {"text_encoder": "cond_stage", "unet": "unet", "decoder": "decoder"}
-GRAPH_INPUTS = {"text_encoder": ("cond",), "unet": ("x", "t", "context"), "decoder": ("latent",)}
-GRAPH_OUTPUTS = {"text_encoder": "context", "unet": "eps", "decoder": "image"}
+GRAPHS = {"text_encoder": "cond_stage", "unet": "unet", "unet_cond": "unet", "unet_shallow": "unet_shallow",
+          "unet_shallow_cond": "unet_shallow", "decoder": "decoder"}
+UNET_INPUTS = ("x", "t", "context")
+GRAPH_INPUTS = {"text_encoder": ("cond",), "unet": UNET_INPUTS, "unet_cond": UNET_INPUTS,
+                "unet_shallow": (*UNET_INPUTS, "deep"), "unet_shallow_cond": (*UNET_INPUTS, "deep"),
+                "decoder": ("latent",)}
+GRAPH_OUTPUTS = {c: "eps" for c in GRAPHS} | {"text_encoder": "context", "decoder": "image"}
+SHALLOW = ("unet_shallow", "unet_shallow_cond")
 
 
 class Unavailable(RuntimeError):
@@ -44,7 +55,8 @@ class Variant:
 # --- ldmrt ----------------------------------------------------------------------------------------
 def _ldmrt_backend_call(backend, component, inputs, context=contextlib.nullcontext):
     graph = GRAPHS[component]
-    feeds = dict(zip(GRAPH_INPUTS[component], inputs))
+    taken = backend.input_names(graph)  # a shallow branch without cross-attention takes no context
+    feeds = {n: x for n, x in zip(GRAPH_INPUTS[component], inputs) if n in taken}
     out = GRAPH_OUTPUTS[component]
 
     def call():
@@ -83,11 +95,14 @@ def ldmrt_torch_compile(dtype: torch.dtype):
         from ldmrt.export.graphs import graph_modules
         _, model = _ldmrt_torch_backend(bench, dtype)
         inductor_config.freezing = True
-        compiled = torch.compile(graph_modules(model)[GRAPHS[component]])
+        module = graph_modules(model)[GRAPHS[component]]
+        compiled = torch.compile(module)
+        feeds = [x for n, x in zip(GRAPH_INPUTS[component], inputs) if n in module.input_names]
 
         def call():
             with torch.no_grad():  # freezing needs no_grad, not inference_mode
-                return compiled(*inputs)
+                out = compiled(*feeds)
+                return out[0] if isinstance(out, tuple) else out
         return call
     return prepare
 
@@ -160,14 +175,18 @@ class _PeerCall(torch.nn.Module):
     def forward(self, *inputs):
         if self.component == "text_encoder":
             return self.module(inputs[0])[0]  # last_hidden_state
-        if self.component == "unet":
+        if self.component in ("unet", "unet_cond"):
             x, t, context = inputs
             return self.module(x, t, encoder_hidden_states=context, return_dict=False)[0]
         return self.module.decode(inputs[0] / self.scaling_factor, return_dict=False)[0]
 
 
 def _peer_module(bench, component: str, dtype: torch.dtype) -> _PeerCall:
-    module = {"text_encoder": bench.peers.text_encoder, "unet": bench.peers.unet, "decoder": bench.peers.vae}[component]
+    if component in SHALLOW:
+        raise Unavailable("no feature caching in this runtime (diffusers has it through DeepCache: "
+                          "diffusers-bf16-deepcache)")
+    module = {"text_encoder": bench.peers.text_encoder, "unet": bench.peers.unet, "unet_cond": bench.peers.unet,
+              "decoder": bench.peers.vae}[component]
     if dtype != torch.float32:
         module = copy.deepcopy(module).to(dtype)
     return _PeerCall(component, module, bench.peers.scaling_factor).eval()
@@ -230,6 +249,37 @@ def openvino(bench, component, inputs):
     return call
 
 
+def diffusers_deepcache(dtype: torch.dtype):
+    """diffusers eager with the DeepCache package's helper (DeepCacheSDHelper, branch 0 = ldmrt's
+    DEEP_CACHE_KEEP 1: the UNet's input conv and last output block). Full steps are diffusers' own; a cached
+    step follows one full call on the same inputs, as the helper runs it in a pipeline."""
+    def prepare(bench, component, inputs):
+        if component not in SHALLOW:
+            return diffusers_eager(dtype)(bench, component, inputs)
+        try:
+            from DeepCache import DeepCacheSDHelper
+        except ImportError as e:
+            raise Unavailable(f"DeepCache not installed ({e}): pip install DeepCache") from None
+        from types import SimpleNamespace
+        module = _peer_module(bench, "unet", dtype)
+        x, t, context = _cast(inputs[:3], dtype)
+        # The full call at (almost) the same timestep, so that the cached step's output is comparable with the
+        # exact one (the helper tells steps apart by their timestep).
+        full_t, cached_t = t + 1e-3, t
+        pipe = SimpleNamespace(unet=module.module, scheduler=SimpleNamespace(timesteps=[float(full_t[0]), float(t[0])]))
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=1000, cache_branch_id=0)  # every call after the first is a cached one
+        helper.enable()
+        with torch.inference_mode():
+            pipe.unet(x, full_t[0], encoder_hidden_states=context)  # the full step that fills the cache
+
+        def call():
+            with torch.inference_mode():
+                return pipe.unet(x, cached_t[0], encoder_hidden_states=context, return_dict=False)[0].float()
+        return call
+    return prepare
+
+
 def _ov_type(ov, x: torch.Tensor):
     return ov.Type.i64 if x.dtype == torch.int64 else ov.Type.f32
 
@@ -258,5 +308,7 @@ VARIANTS = {v.name: v for v in (
     Variant("torch-compile-bf16", "torch.compile(diffusers) inductor + freezing", "bf16", False,
             torch_compile(torch.bfloat16), optional=True),
     Variant("openvino", "OpenVINO CPU plugin, static shapes, default precision", "bf16", False, openvino),
+    Variant("diffusers-bf16-deepcache", "diffusers/transformers eager + DeepCache's helper", "bf16", False,
+            diffusers_deepcache(torch.bfloat16)),
 
 )}

@@ -80,11 +80,12 @@ class TorchBackend(Backend):
         self._graphed = {}
         if self.device.type == "cuda":
             from .cuda_graphs import CudaGraphRunner
-            unet = self._modules["unet"]
-            if hasattr(unet, "alphas_cumprod"):  # x0 models: no host-to-device copy inside the graph
-                unet.alphas_cumprod = unet.alphas_cumprod.to(self.device)
-            if cuda_graphs:
-                self._graphed["unet"] = CudaGraphRunner(unet, self.device)
+            for name in ("unet", "unet_shallow"):  # the per-step graphs
+                step = self._modules[name]
+                if hasattr(step, "alphas_cumprod"):  # x0 models: no host-to-device copy inside the graph
+                    step.alphas_cumprod = step.alphas_cumprod.to(self.device)
+                if cuda_graphs:
+                    self._graphed[name] = CudaGraphRunner(step, self.device)
 
     @property
     def precision(self) -> str:
