@@ -262,10 +262,10 @@ def diffusers_deepcache(dtype: torch.dtype):
             raise Unavailable(f"DeepCache not installed ({e}): pip install DeepCache") from None
         from types import SimpleNamespace
         module = _peer_module(bench, "unet", dtype)
-        x, t, context = _cast(inputs[:3], dtype)
-        # The full call at (almost) the same timestep, so that the cached step's output is comparable with the
-        # exact one (the helper tells steps apart by their timestep).
-        full_t, cached_t = t + 1e-3, t
+        (x, context), t = _cast([inputs[0], inputs[2]], dtype), inputs[1]
+        # The helper tells steps apart by their timestep (float32 here: bf16 would merge nearby ones); the full
+        # call one timestep before the cached one, as in a sampling loop, so that the outputs stay comparable.
+        full_t, cached_t = t + 1, t
         pipe = SimpleNamespace(unet=module.module, scheduler=SimpleNamespace(timesteps=[float(full_t[0]), float(t[0])]))
         helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=1000, cache_branch_id=0)  # every call after the first is a cached one
