@@ -196,14 +196,8 @@ def measure(bench: Bench, component: str, size: int, variants: list[str], args, 
 def step_counts(mode: str, sampler: str, steps: int) -> dict[str, int]:
     """{component: calls} of one image's sampler loop in `mode`, from the plan ldmrt compiles for it."""
     from ldmrt.sampling import make_alphas_cumprod, make_plan
-    settings = {}
-    for part in mode.split("+"):
-        if part.startswith("cache"):
-            settings["cache_interval"] = int(part[5:])
-        elif part.startswith("cut"):
-            settings["guidance_interval"] = (0.0, 1 - int(part[3:]) / 100)
-        elif part != "exact":
-            raise SystemExit(f"unknown mode {part!r}: exact, cacheN, cutP, joined by +")
+    from ldmrt.testing import mode_settings
+    settings = mode_settings(mode)
     plan = make_plan(sampler=sampler, steps=steps, alphas_cumprod=make_alphas_cumprod("linear", 1000), **settings)
     counts = dict.fromkeys(STEP_COMPONENTS.values(), 0)
     for stage in plan.stages:

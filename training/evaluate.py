@@ -28,7 +28,7 @@ import torch
 
 import dataset
 import ldmrt
-from ldmrt.testing import adherence
+from ldmrt.testing import adherence, mode_settings
 
 ASSETS = Path(ldmrt.__file__).with_name("assets") / "shapes"
 BACKENDS = ("eager-fp32", "eager-bf16", "onnxruntime-fp32", "torch-bf16")
@@ -52,19 +52,6 @@ def engine_images(model_dir: Path, backend: str, fp16: bool, workdir: Path):
         return [engine.generate(p, sampler=sampler, steps=steps, guidance_scale=guidance, seed=i,
                                 output_type="np", **fast)[0] for i, p in enumerate(prompts)]
     return generate
-
-
-def mode_settings(mode: str) -> dict:
-    """generate's settings of a fast mode: "exact", "cacheN", "cutP", or several joined by "+"."""
-    settings = {}
-    for part in mode.split("+"):
-        if part.startswith("cache"):
-            settings["cache_interval"] = int(part[5:])
-        elif part.startswith("cut"):
-            settings["guidance_interval"] = (0.0, 1 - int(part[3:]) / 100)
-        elif part != "exact":
-            raise SystemExit(f"unknown mode {part!r}: exact, cacheN, cutP, joined by +")
-    return settings
 
 
 def psnr(images, reference) -> float:

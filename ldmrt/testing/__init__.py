@@ -2,6 +2,7 @@
 
     reduced_config        the zoo's configs at reduced width: every model family end to end on a CPU in seconds
     write_clip_tokenizer  CLIP BPE files (vocab.json + merges.txt) for a few words, in the real format
+    mode_settings         generate's settings of a named fast mode (cacheN, cutP, joined by +; the benchmarks')
     adherence             the shipped model's prompt-adherence evaluator (training, tests, the GPU benchmark)
     sampling_reference    float64 reference loops the C++ samplers are held to (tests, benchmarks)
 """
@@ -70,3 +71,17 @@ def write_clip_tokenizer(folder, words) -> int:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
                                        encoding="utf-8")
     return len(tokens)
+
+
+def mode_settings(mode: str) -> dict:
+    """generate's settings of a fast mode: "exact", "cacheN" (feature caching every N-th step), "cutP" (no
+    guidance on the last P% of the steps), or several joined by "+"."""
+    settings = {}
+    for part in mode.split("+"):
+        if part.startswith("cache"):
+            settings["cache_interval"] = int(part[5:])
+        elif part.startswith("cut"):
+            settings["guidance_interval"] = (0.0, 1 - int(part[3:]) / 100)
+        elif part != "exact":
+            raise ValueError(f"unknown mode {part!r}: exact, cacheN, cutP, joined by +")
+    return settings
