@@ -87,7 +87,7 @@ class Request:
                 **({"strength": self.strength} if self.init_image is not None else {}),
                 **({"class_label": _label(self.class_label, index)} if self.class_label is not None else {}),
                 "model": m["model"].get("name"), "engine": str(engine.path), "backend": m["backend"],
-                "precision": m["precision"], "ldmrt": __version__}
+                "precision": engine.precision, "ldmrt": __version__}  # what ran here
 
 
 def generate(engine, prompt=None, *, negative_prompt="", steps: int = 50, sampler: str = "ddim",
@@ -126,11 +126,12 @@ def generate(engine, prompt=None, *, negative_prompt="", steps: int = 50, sample
         if req.mask is not None:  # keep the latent where the mask is 0 (CompVis: mask 1 = keep x0)
             sample_mask = 1.0 - resized(req.mask, shape[2], shape[3], req.batch_size, binary=True)
 
-    bar = None
+    unet = UNetCalls(engine, req, plan, context, concat)
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(plan.stages), desc="ldmrt", unit="step")
-    unet = UNetCalls(engine, req, plan, context, concat, bar)
+        unet.bar = bar = tqdm(total=len(plan.stages), desc="ldmrt", unit="step")
+    else:
+        bar = None
 
     try:
         latent = run(plan, unet, x_T, guidance_scale=req.guidance_scale, x0=x0, mask=sample_mask, seed=req.seed)
@@ -159,7 +160,7 @@ class UNetCalls:
     a shallow one runs "unet_shallow" on it (DeepCache; the conditional half when the kept feature is doubled).
     The inputs that are constant over the steps are built once; per call only x and t change."""
 
-    def __init__(self, engine, req: Request, plan, context, concat, bar):
+    def __init__(self, engine, req: Request, plan, context, concat, bar=None):
         self.engine, self.req, self.stages, self.bar = engine, req, plan.stages, bar
         self.calls, self.deep = 0, None
         b, guided = req.batch_size, req.guidance_scale is not None
