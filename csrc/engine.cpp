@@ -247,6 +247,7 @@ Latent Engine::generate_latent(const GenerateOptions& o) {
   config.eta = o.eta;
   config.timestep_spacing = o.timestep_spacing;
   config.cache_interval = o.cache_interval;
+  config.cache_schedule = o.cache_schedule;
   config.guidance_from = o.guidance_from;
   config.guidance_until = o.guidance_until;
   const Plan plan = make_plan(config);

@@ -1,5 +1,6 @@
 #include "ldmrt/samplers.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -185,15 +186,44 @@ std::vector<std::string> sampler_names() {
 // Per stage: guided or not (step k of n is guided when from <= k / n < until), full UNet or shallow branch (a
 // step k with k % interval == 0 runs full, and so does the first step after guidance switches, whose batch
 // differs from the kept feature's; every stage of a step shares its step's choice).
-static void schedule_evaluations(Plan& plan, int interval, double from, double until) {
+// The steps that run the full UNet: every interval-th, or (quadratic) the same number placed at
+// c + sign(u) |u|^p for u evenly spaced in [-c^(1/p), (n-1-c)^(1/p)], c = 0.3 (n - 1): dense near c, sparse at the
+// ends, step 0 and the last included; p starts at 1.4 and drops towards 1 until the positions are distinct.
+static std::vector<bool> full_steps(int n, int interval, const std::string& schedule) {
+  std::vector<bool> full(static_cast<std::size_t>(std::max(n, 1)), false);
+  const int k = (n + interval - 1) / interval;
+  if (schedule == "uniform" || k >= n || k < 2) {
+    for (int i = 0; i < n; i += interval) full[static_cast<std::size_t>(i)] = true;
+    return full;
+  }
+  const double c = 0.3 * (n - 1);
+  for (double p = 1.4; p > 1.0; p -= 0.02) {
+    const double a = std::pow(c, 1 / p), b = std::pow(n - 1 - c, 1 / p);
+    std::vector<int> at;
+    for (int j = 0; j < k; ++j) {
+      const double u = -a + (a + b) * j / (k - 1);
+      const int pos = static_cast<int>(std::lround(c + (u < 0 ? -1 : 1) * std::pow(std::abs(u), p)));
+      if (at.empty() || pos != at.back()) at.push_back(std::min(std::max(pos, 0), n - 1));
+    }
+    if (static_cast<int>(at.size()) == k) {
+      for (int i : at) full[static_cast<std::size_t>(i)] = true;
+      return full;
+    }
+  }
+  for (int i = 0; i < n; i += interval) full[static_cast<std::size_t>(i)] = true;  // no distinct placement
+  return full;
+}
+
+static void schedule_evaluations(Plan& plan, int interval, const std::string& schedule, double from, double until) {
   int step = -1;
   bool last_full_guided = true, full_step = true;
   const double n = plan.num_steps > 0 ? plan.num_steps : 1;
+  const std::vector<bool> full = full_steps(plan.num_steps, interval, schedule);
   for (Stage& s : plan.stages) {
     if (s.starts_step || step < 0) {
       ++step;
       s.guided = from <= step / n && step / n < until;
-      full_step = step % interval == 0 || s.guided != last_full_guided || step == 0;
+      full_step = full[static_cast<std::size_t>(step)] || s.guided != last_full_guided || step == 0;
     } else {
       s.guided = (&s - 1)->guided;
     }
@@ -220,6 +250,8 @@ Plan make_plan(const SamplerConfig& config) {
   if (config.cache_interval < 1)
     throw std::invalid_argument("cache_interval must be >= 1 (1: no feature caching), got " +
                                 std::to_string(config.cache_interval));
+  if (config.cache_schedule != "uniform" && config.cache_schedule != "quadratic")
+    throw std::invalid_argument("cache_schedule must be 'uniform' or 'quadratic', got '" + config.cache_schedule + "'");
   if (!(config.guidance_from >= 0 && config.guidance_from <= config.guidance_until && config.guidance_until <= 1))
     throw std::invalid_argument("the guidance interval must satisfy 0 <= from <= until <= 1 (fractions of the "
                                 "steps), got (" + std::to_string(config.guidance_from) + ", " +
@@ -250,7 +282,7 @@ Plan make_plan(const SamplerConfig& config) {
   plan.sampler = name;
   plan.num_steps = static_cast<int>(steps.size());
 
-  schedule_evaluations(plan, config.cache_interval, config.guidance_from, config.guidance_until);
+  schedule_evaluations(plan, config.cache_interval, config.cache_schedule, config.guidance_from, config.guidance_until);
 
   if (steps.size() == 0) {  // strength 0: the latent is x0 unchanged
     plan.init_x0 = 1;

@@ -83,6 +83,8 @@ def fast_settings(args) -> dict:
     settings = dict(FAST_PRESET) if args.fast else {}
     if args.cache is not None:
         settings["cache_interval"] = args.cache
+    if args.cache_schedule is not None:
+        settings["cache_schedule"] = args.cache_schedule
     if args.guidance_interval is not None:
         settings["guidance_interval"] = tuple(args.guidance_interval)
     return settings
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-res-image", help="input of super-resolution models")
     p.add_argument("--cache", type=int, metavar="N", help="feature caching (DeepCache): the full UNet every N-th "
                    "step, its shallow branch between (approximate: README 'Doing less per image')")
+    p.add_argument("--cache-schedule", choices=("uniform", "quadratic"), help="where --cache puts its full steps: "
+                   "every N-th (default), or as many denser around 30%% of the schedule")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("FROM", "UNTIL"),
                    help="guidance only on the steps in [FROM, UNTIL) (fractions of the steps); one conditional "
                    "UNet call elsewhere (approximate)")

@@ -180,7 +180,8 @@ class Engine:
         tools' images), timestep_spacing="uniform", output_type="pil" ("np": (B, H, W, 3) float32 in [0, 1];
         "latent"), progress=False.
         Doing less per image (approximate; measured in the README): cache_interval=N (DeepCache: the full UNet
-        every N-th step, its shallow branch on the cached deep feature between), guidance_interval=(from, until)
+        every N-th step, its shallow branch on the cached deep feature between; cache_schedule="quadratic" places as
+        many full steps denser around 30% of the schedule), guidance_interval=(from, until)
         (guidance only on that fraction of the steps, one conditional UNet call elsewhere).
         """
         from .pipeline import generate

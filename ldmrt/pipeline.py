@@ -74,6 +74,7 @@ class Request:
     output_type: str
     cache_interval: int  # DeepCache: the full UNet every N-th step (1: always, exact)
     guidance_interval: tuple[float, float] | None  # fractions of the steps with guidance (None: all)
+    cache_schedule: str  # where the full steps go: "uniform" or "quadratic"
 
     def record(self, engine, index: int) -> dict:
         """The `parameters` of image `index`: what reproduces it (the PNG metadata schema, ldmrt/images.py)."""
@@ -83,6 +84,7 @@ class Request:
                 "guidance_scale": self.guidance_scale, "eta": self.eta, "seed": self.seed, "height": self.height,
                 "width": self.width, "batch_size": self.batch_size, "batch_index": index,
                 "timestep_spacing": self.timestep_spacing, "cache_interval": self.cache_interval,
+                **({"cache_schedule": self.cache_schedule} if self.cache_schedule != "uniform" else {}),
                 "guidance_interval": None if self.guidance_interval is None else list(self.guidance_interval),
                 **({"strength": self.strength} if self.init_image is not None else {}),
                 **({"class_label": _label(self.class_label, index)} if self.class_label is not None else {}),
@@ -94,20 +96,21 @@ def generate(engine, prompt=None, *, negative_prompt="", steps: int = 50, sample
              guidance_scale=None, eta=None, seed: int = 0, height=None, width=None, batch_size=None, init_image=None,
              strength: float = 0.75, mask=None, class_label=None, low_res_image=None, latents=None,
              timestep_spacing: str = "uniform", output_type: str = "pil", progress: bool = False,
-             cache_interval: int = 1, guidance_interval=None):
+             cache_interval: int = 1, guidance_interval=None, cache_schedule: str = "uniform"):
     """See Engine.generate."""
     from .sampling import make_plan, randn, run
 
     req = check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scale, eta, seed, height, width,
                         batch_size, init_image, strength, mask, class_label, low_res_image, latents,
-                        timestep_spacing, output_type, cache_interval, guidance_interval)
+                        timestep_spacing, output_type, cache_interval, guidance_interval, cache_schedule)
     s = engine.summary
     # The plan is compiled before any graph runs: a bad sampler, spacing or step count costs nothing.
     img2img = req.init_image is not None and s["conditioning"] != "inpainting"
     try:
         plan = make_plan(sampler=req.sampler, steps=req.steps, alphas_cumprod=engine.alphas_cumprod, eta=req.eta,
                          timestep_spacing=req.timestep_spacing, strength=req.strength if img2img else 1.0,
-                         cache_interval=req.cache_interval, guidance_interval=req.guidance_interval)
+                         cache_interval=req.cache_interval, guidance_interval=req.guidance_interval,
+                         cache_schedule=req.cache_schedule)
     except ValueError as e:
         raise InputError(str(e)) from None
     from .memory import check_request_memory
@@ -198,7 +201,7 @@ class UNetCalls:
 # --- checks -----------------------------------------------------------------------------------------------
 def check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scale, eta, seed, height, width,
                   batch_size, init_image, strength, mask, class_label, low_res_image, latents, timestep_spacing,
-                  output_type, cache_interval=1, guidance_interval=None) -> Request:
+                  output_type, cache_interval=1, guidance_interval=None, cache_schedule="uniform") -> Request:
     s = engine.summary
     if output_type not in OUTPUT_TYPES:
         raise InputError(f"output_type must be 'pil', 'np' or 'latent', not {output_type!r}")
@@ -217,6 +220,8 @@ def check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scal
     if not _finite(strength) or not 0 <= strength <= 1:
         raise InputError(f"strength must be a number in [0, 1], not {strength!r}")
     cache_interval = _integer(cache_interval, "cache_interval", 1)
+    if cache_schedule not in ("uniform", "quadratic"):
+        raise InputError(f"cache_schedule must be 'uniform' or 'quadratic', not {cache_schedule!r}")
     if guidance_interval is not None:
         try:
             lo, hi = (float(v) for v in guidance_interval)
@@ -246,7 +251,7 @@ def check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scal
         raise InputError("mask needs init_image (the image to inpaint)")
     return Request(prompts, negatives, steps, sampler, scale, None if eta is None else float(eta), seed, height,
                    width, batch_size, float(strength), timestep_spacing, init, mask_t, low_res, class_label, latents,
-                   output_type, cache_interval, guidance_interval)
+                   output_type, cache_interval, guidance_interval, cache_schedule)
 
 
 def _texts(value, name) -> list[str] | None:

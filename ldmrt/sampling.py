@@ -26,18 +26,20 @@ make_timesteps = _C.make_timesteps
 
 
 def make_plan(*, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform", steps_offset=0,
-              final_alpha_cumprod=None, strength=1.0, cache_interval=1, guidance_interval=None):
+              final_alpha_cumprod=None, strength=1.0, cache_interval=1, guidance_interval=None,
+              cache_schedule="uniform"):
     """Compile a sampler into an `ldmrt._C.Plan` (see csrc/include/ldmrt/plan.h); raises ValueError on bad
     arguments (steps < 1 or > T, eta < 0, unknown sampler or spacing, strength outside [0, 1]).
 
-    cache_interval: DeepCache, the full UNet every N-th step and its shallow branch between (stage["shallow"]).
+    cache_interval: DeepCache, the full UNet every N-th step and its shallow branch between (stage["shallow"]);
+    cache_schedule "quadratic" places as many full steps denser around 30% of the schedule (csrc/samplers.cpp).
     guidance_interval: (from, until) fractions of the steps where guidance applies (stage["guided"]); outside
     it a guided loop makes one conditional evaluation of the batch alone."""
     lo, hi = (0.0, 1.0) if guidance_interval is None else map(float, guidance_interval)
     return _C.make_plan(sampler, int(steps), _as_float64(alphas_cumprod), None if eta is None else float(eta),
                         timestep_spacing, int(steps_offset),
                         None if final_alpha_cumprod is None else float(final_alpha_cumprod), float(strength),
-                        int(cache_interval), (lo, hi))
+                        int(cache_interval), (lo, hi), str(cache_schedule))
 
 
 def randn(seed, shape, *, stream=0, dtype="float32"):

@@ -78,13 +78,15 @@ def run_host(example, engine_dir, out_png, prompt, **flags):
     dict(prompt="blue square right", seed=11, steps=5, guidance=1.0, sampler="euler_ancestral", batch=2),
     # feature caching and a guidance interval: the plan's stage flags, followed by both hosts
     dict(prompt="a red circle", seed=5, steps=7, sampler="dpmpp_2m", cache=3, **{"guidance-until": 0.5}),
+    dict(prompt="green square", seed=2, steps=12, cache=3, **{"cache-schedule": "quadratic"}),
 ])
 def test_cpp_host_gives_python_images_bit_for_bit(example, engine_dir, tmp_path, case):
     assert torch.get_num_threads() == THREADS
     engine = Engine.load(engine_dir)
     kwargs = dict(steps=case["steps"], seed=case["seed"], guidance_scale=case.get("guidance"),
                   sampler=case.get("sampler", "ddim"), batch_size=case.get("batch", 1),
-                  cache_interval=case.get("cache", 1), guidance_interval=(0, case.get("guidance-until", 1)))
+                  cache_interval=case.get("cache", 1), guidance_interval=(0, case.get("guidance-until", 1)),
+                  cache_schedule=case.get("cache-schedule", "uniform"))
     latent = engine.generate(case["prompt"], output_type="latent", **kwargs).numpy()
     images = [np.asarray(im) for im in engine.generate(case["prompt"], **kwargs)]
 

@@ -322,3 +322,14 @@ def test_guidance_interval_matches_reference(data, sampler, interval):
     assert rel_l2(out, expected) <= 1e-6
     full, _ = both(eps, data["x_T"], "float64", **{**kw, "guidance_interval": None})
     assert rel_l2(out, full) > 1e-3  # the interval changes the result: it was applied
+
+
+def test_quadratic_cache_schedule():
+    """As many full steps as uniform caching, step 0 and the last among them, denser near 30% of the schedule."""
+    plan = sampling.make_plan(sampler="ddim", steps=50, alphas_cumprod=AC, cache_interval=3, cache_schedule="quadratic")
+    full = [i for i, s in enumerate(plan.stages) if not s["shallow"]]
+    assert len(full) == 17 and full[0] == 0 and full[-1] == 49
+    gaps = np.diff(full)
+    assert gaps[:3].mean() > gaps[5:9].mean() < gaps[-3:].mean()  # sparse, dense around step 15, sparse
+    with pytest.raises(ValueError, match="cache_schedule must be 'uniform' or 'quadratic'"):
+        sampling.make_plan(sampler="ddim", steps=4, alphas_cumprod=AC, cache_interval=2, cache_schedule="cubic")

@@ -153,9 +153,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("make_plan", [](const std::string& sampler, int steps, const py::array_t<double, py::array::c_style | py::array::forcecast>& ac,
                         std::optional<double> eta, const std::string& spacing, int steps_offset,
                         std::optional<double> final_alpha_cumprod, double strength, int cache_interval,
-                        std::pair<double, double> guidance_interval) {
+                        std::pair<double, double> guidance_interval, const std::string& cache_schedule) {
     SamplerConfig c;
     c.cache_interval = cache_interval;
+    c.cache_schedule = cache_schedule;
     c.guidance_from = guidance_interval.first;
     c.guidance_until = guidance_interval.second;
     c.sampler = sampler;
@@ -170,7 +171,7 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("sampler"), py::arg("steps"), py::arg("alphas_cumprod"), py::arg("eta") = py::none(),
      py::arg("timestep_spacing") = "uniform", py::arg("steps_offset") = 0, py::arg("final_alpha_cumprod") = py::none(),
      py::arg("strength") = 1.0, py::arg("cache_interval") = 1,
-     py::arg("guidance_interval") = std::pair<double, double>(0.0, 1.0));
+     py::arg("guidance_interval") = std::pair<double, double>(0.0, 1.0), py::arg("cache_schedule") = "uniform");
   m.def("sampler_names", &sampler_names);
 
   m.def("run_plan", &run<float>, py::arg("plan"), py::arg("latent").noconvert(), py::arg("model"),

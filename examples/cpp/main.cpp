@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
     else if (flag == "--threads") engine_options.threads = std::stoi(value);
     else if (flag == "--latent") latent_file = value;
     else if (flag == "--cache") options.cache_interval = std::stoi(value);
+    else if (flag == "--cache-schedule") options.cache_schedule = value;
     else if (flag == "--guidance-from") options.guidance_from = std::stod(value);
     else if (flag == "--guidance-until") options.guidance_until = std::stod(value);
     else { std::cerr << "unknown option " << flag << "\n"; return 2; }

@@ -78,8 +78,10 @@ def mode_settings(mode: str) -> dict:
     guidance on the last P% of the steps), or several joined by "+"."""
     settings = {}
     for part in mode.split("+"):
-        if part.startswith("cache"):
-            settings["cache_interval"] = int(part[5:])
+        if part.startswith("cache"):  # cacheN, or cacheNq: the quadratic schedule
+            settings["cache_interval"] = int(part[5:].rstrip("q"))
+            if part.endswith("q"):
+                settings["cache_schedule"] = "quadratic"
         elif part.startswith("cut"):
             settings["guidance_interval"] = (0.0, 1 - int(part[3:]) / 100)
         elif part != "exact":

@@ -53,6 +53,7 @@ struct GenerateOptions {
   // Doing less per image, as Python's cache_interval and guidance_interval (SamplerConfig): the full UNet every
   // cache_interval-th step and its shallow branch between; guidance only on steps in [from, until).
   int cache_interval = 1;
+  std::string cache_schedule = "uniform";  // or "quadratic"
   double guidance_from = 0, guidance_until = 1;
 };
 

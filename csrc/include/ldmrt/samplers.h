@@ -25,6 +25,9 @@ struct SamplerConfig {
   // DeepCache: the full UNet on every cache_interval-th step (and where guidance switches on or off), its
   // shallow branch in between. 1: always the full UNet (exact).
   int cache_interval = 1;
+  // Where the full steps go: "uniform" (every cache_interval-th) or "quadratic" (as many, denser around 30% of
+  // the schedule and sparser towards its ends: DeepCache's non-uniform schedule, in ldmrt's own formula).
+  std::string cache_schedule = "uniform";
   // Guidance only on the steps k (0-based, of the n the plan runs) with guidance_from <= k / n < guidance_until;
   // elsewhere one conditional evaluation. (0, 1): every step (exact).
   double guidance_from = 0, guidance_until = 1;
