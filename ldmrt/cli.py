@@ -16,7 +16,6 @@ from .errors import LdmrtError
 
 DEMO_PROMPT = "a large red circle in the top left on a gray background"  # states every attribute the model follows
 DEMO_ENGINE = "engines/shapes"
-MAX_SEED = 2 ** 64 - 1
 
 
 def cmd_info(args) -> int:
@@ -104,6 +103,7 @@ def _stderr(message: str) -> None:
 
 # --- arguments -------------------------------------------------------------------------------------------
 def seed(text: str) -> int:
+    from .pipeline import MAX_SEED
     try:
         value = int(text, 0)
     except ValueError:

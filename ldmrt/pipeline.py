@@ -174,6 +174,7 @@ class UNetCalls:
             self.inputs[2 * b] = {"t": torch.zeros(2 * b, dtype=torch.float32), **full}
         if any(s["shallow"] for s in self.stages) and "unet_shallow" not in engine.backend.graphs:
             raise EngineError(f"{engine.path} has no unet_shallow graph (feature caching): rebuild it with this ldmrt")
+        self.shallow_inputs = set(engine.backend.input_names("unet_shallow"))  # a branch may not take the context
 
     def __call__(self, x, t):
         stage = self.stages[self.calls]
@@ -185,9 +186,8 @@ class UNetCalls:
         inputs["t"].fill_(t)
         if stage["shallow"]:
             deep = self.deep if self.deep.shape[0] == x.shape[0] else self.deep[-x.shape[0]:]
-            taken = self.engine.backend.input_names("unet_shallow")  # a branch may not take the context
             eps = self.engine.backend.run("unet_shallow", x=x, deep=deep,
-                                          **{k: v for k, v in inputs.items() if k in taken})["eps"]
+                                          **{k: v for k, v in inputs.items() if k in self.shallow_inputs})["eps"]
         else:
             out = self.engine.backend.run("unet", x=x, **inputs)
             eps, self.deep = out["eps"], out.get("deep")
@@ -220,7 +220,7 @@ def check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scal
     if not _finite(strength) or not 0 <= strength <= 1:
         raise InputError(f"strength must be a number in [0, 1], not {strength!r}")
     cache_interval = _integer(cache_interval, "cache_interval", 1)
-    if cache_schedule not in ("uniform", "quadratic"):
+    if not isinstance(cache_schedule, str):  # its values are make_plan's to check, with the sampler's
         raise InputError(f"cache_schedule must be 'uniform' or 'quadratic', not {cache_schedule!r}")
     if guidance_interval is not None:
         try:
@@ -228,8 +228,6 @@ def check_request(engine, prompt, negative_prompt, steps, sampler, guidance_scal
         except (TypeError, ValueError):
             raise InputError(f"guidance_interval must be (from, until), fractions of the steps, not "
                              f"{guidance_interval!r}") from None
-        if not (0 <= lo <= hi <= 1):
-            raise InputError(f"guidance_interval must satisfy 0 <= from <= until <= 1, not ({lo}, {hi})")
         guidance_interval = (lo, hi)
     if not isinstance(sampler, str) or not isinstance(timestep_spacing, str):
         raise InputError("sampler and timestep_spacing are names (see `ldmrt generate --help`)")
