@@ -88,9 +88,8 @@ NoiseSource<Real> philox_noise(std::uint64_t seed) {
 template <typename Real>
 Workspace<Real> Workspace<Real>::allocate(const Plan& plan, std::size_t count, bool guided) {
   Workspace w;
-  w.owned.reserve(3 + plan.history_slots);  // pointers into `owned` must stay put
+  w.owned.reserve(2 + plan.history_slots);  // pointers into `owned` must stay put
   auto make = [&](std::size_t n) { return w.owned.emplace_back(n).data(); };
-  w.trial = make(count);
   if (guided) w.model_input = make(2 * count);
   w.noise = make(count);
   for (int k = 0; k < plan.history_slots; ++k) w.history.push_back(make(count));
@@ -120,7 +119,7 @@ void run_plan(const Plan& plan, Real* latent, std::size_t count, const EpsModel<
       for (std::size_t i = 0; i < count; ++i)
         latent[i] = in.mask[i] * (bx * in.x0[i] + bn * ws.noise[i]) + (Real(1) - in.mask[i]) * latent[i];
     }
-    const Real* input = stage.model_input == Buffer::Trial ? ws.trial : latent;
+    const Real* input = stage.model_input == kLatent ? latent : ws.history[stage.model_input];
     const bool doubled = guided && stage.guided;  // else one conditional evaluation (the model sees `count`)
     const Real* eps;
     if (doubled) {
@@ -131,7 +130,7 @@ void run_plan(const Plan& plan, Real* latent, std::size_t count, const EpsModel<
       eps = model(input, count, stage.timestep);
     }
     if (stage.c_noise != 0) noise(draw++, ws.noise, count);
-    Real* dst = stage.dst == Buffer::Trial ? ws.trial : latent;
+    Real* dst = stage.dst == kLatent ? latent : ws.history[stage.dst];
     apply_update<Real>(stage, dst, latent, eps, doubled ? eps + count : nullptr, in.guidance_scale.value_or(1.0),
                        ws.history.data(), ws.noise, count);
   }

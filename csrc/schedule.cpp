@@ -85,25 +85,25 @@ double timestep_of_sigma(const std::vector<double>& alphas_cumprod, double sigma
   return (1 - w) * low + w * (low + 1);
 }
 
-double alpha_at(const std::vector<double>& alphas_cumprod, double timestep) {
+double sigma_at(const std::vector<double>& alphas_cumprod, double timestep, const std::string& interpolation) {
   const int T = static_cast<int>(alphas_cumprod.size());
   if (!(timestep >= 0 && timestep <= T - 1))
     throw std::invalid_argument("timestep " + std::to_string(timestep) + " outside [0, " + std::to_string(T - 1) + "]");
   const int low = std::min(static_cast<int>(std::floor(timestep)), T - 1);
   const double w = timestep - low;
-  if (w == 0.0) return alphas_cumprod[low];
-  // k-diffusion t_to_sigma: log-sigma is linear in t between grid points.
-  const double log_sigma = (1 - w) * std::log(sigma_of_alpha(alphas_cumprod[low])) +
-                           w * std::log(sigma_of_alpha(alphas_cumprod[low + 1]));
-  return alpha_of_sigma(std::exp(log_sigma));
+  const double lo = sigma_of_alpha(alphas_cumprod[low]);
+  if (w == 0.0) return lo;
+  const double hi = sigma_of_alpha(alphas_cumprod[low + 1]);
+  if (interpolation == "linear") return (1 - w) * lo + w * hi;
+  if (interpolation != "log")
+    throw std::invalid_argument("unknown sigma interpolation '" + interpolation + "' (expected log or linear)");
+  return std::exp((1 - w) * std::log(lo) + w * std::log(hi));
 }
 
-std::vector<double> make_timesteps(const std::string& spacing, int steps,
-                                   const std::vector<double>& alphas_cumprod, int steps_offset) {
-  check_alphas_cumprod(alphas_cumprod);
-  const int T = static_cast<int>(alphas_cumprod.size());
-  if (steps < 1 || steps > T)
-    throw std::invalid_argument("steps must be in [1, " + std::to_string(T) + "], got " + std::to_string(steps));
+namespace {
+
+// Integer timesteps, ascending, of the CompVis/diffusers spacings.
+std::vector<double> discrete_timesteps(const std::string& spacing, int steps, int T, int steps_offset) {
   std::vector<double> ascending;
   if (spacing == "uniform") {
     for (int t = 0; t < T; t += T / steps) ascending.push_back(t + 1);
@@ -120,26 +120,92 @@ std::vector<double> make_timesteps(const std::string& spacing, int steps,
     // np.arange(T, 0, -ratio) has ceil(T / ratio) entries; np.round rounds half to even, as nearbyint.
     const int count = static_cast<int>(std::ceil(T / ratio));
     for (int i = count - 1; i >= 0; --i) ascending.push_back(std::nearbyint(T - i * ratio) - 1);
-  } else if (spacing == "linspace") {
+  } else {  // linspace
     for (double t : linspace(0, T - 1, steps)) ascending.push_back(std::nearbyint(t));
-  } else if (spacing == "karras") {
-    const double rho = 7.0;
-    const double sigma_min = sigma_of_alpha(alphas_cumprod.front());
-    const double sigma_max = sigma_of_alpha(alphas_cumprod.back());
-    const double min_inv_rho = std::pow(sigma_min, 1 / rho), max_inv_rho = std::pow(sigma_max, 1 / rho);
-    std::vector<double> descending;
-    for (double ramp : linspace(0, 1, steps))
-      descending.push_back(timestep_of_sigma(alphas_cumprod, std::pow(max_inv_rho + ramp * (min_inv_rho - max_inv_rho), rho)));
-    return descending;
-  } else {
-    throw std::invalid_argument("unknown timestep spacing '" + spacing +
-                                "' (expected uniform, leading, trailing, linspace or karras)");
   }
-  for (double t : ascending)
-    if (t < 0 || t > T - 1)
-      throw std::invalid_argument("spacing '" + spacing + "' gives timestep " + std::to_string(t) + " outside [0, " +
+  return ascending;
+}
+
+std::vector<double> respaced_sigmas(const std::string& how, int steps, double sigma_max, double sigma_min) {
+  std::vector<double> sigmas;
+  if (how == "karras") {
+    const double rho = 7.0, min_inv_rho = std::pow(sigma_min, 1 / rho), max_inv_rho = std::pow(sigma_max, 1 / rho);
+    for (double ramp : linspace(0, 1, steps)) sigmas.push_back(std::pow(max_inv_rho + ramp * (min_inv_rho - max_inv_rho), rho));
+  } else if (how == "exponential") {
+    for (double l : linspace(std::log(sigma_max), std::log(sigma_min), steps)) sigmas.push_back(std::exp(l));
+  } else {
+    throw std::invalid_argument("unknown sigma re-spacing '" + how + "' (expected karras or exponential)");
+  }
+  return sigmas;
+}
+
+}  // namespace
+
+Grid make_grid(int steps, const std::vector<double>& alphas_cumprod, const GridOptions& o) {
+  check_alphas_cumprod(alphas_cumprod);
+  const int T = static_cast<int>(alphas_cumprod.size());
+  if (steps < 1 || steps > T)
+    throw std::invalid_argument("steps must be in [1, " + std::to_string(T) + "], got " + std::to_string(steps));
+  if (o.interpolation != "log" && o.interpolation != "linear")
+    throw std::invalid_argument("unknown sigma interpolation '" + o.interpolation + "' (expected log or linear)");
+  std::string spacing = o.spacing, respace = o.respace;
+  if (spacing == "karras" || spacing == "exponential") {  // over the whole schedule, as k-diffusion
+    respace = spacing;
+    spacing = "kdiffusion";
+  }
+  Grid g;
+  if (spacing == "uniform" || spacing == "leading" || spacing == "trailing" || spacing == "linspace") {
+    const bool extra = o.multistep && (spacing == "leading" || spacing == "linspace");
+    std::vector<double> ascending = discrete_timesteps(spacing, steps + extra, T, o.steps_offset);
+    if (extra) ascending.erase(ascending.begin());
+    g.t.assign(ascending.rbegin(), ascending.rend());
+  } else if (spacing == "kdiffusion") {
+    g.t = linspace(T - 1, 0, steps);
+  } else if (spacing == "sgm_uniform") {
+    g.t = linspace(T - 1, 0, steps + 1);
+    g.t.pop_back();
+  } else if (spacing == "simple") {
+    const double stride = static_cast<double>(T) / steps;
+    for (int i = 0; i < steps; ++i) g.t.push_back(T - 1 - static_cast<int>(i * stride));
+  } else if (spacing == "lcm") {
+    if (o.original_steps < 1 || o.original_steps > T || steps > o.original_steps)
+      throw std::invalid_argument("the 'lcm' grid needs 1 <= steps <= original_steps <= " + std::to_string(T) +
+                                  ", got steps " + std::to_string(steps) + ", original_steps " +
+                                  std::to_string(o.original_steps));
+    const int k = T / o.original_steps;
+    for (int i = 0; i < steps; ++i) {  // index floor(i * n / steps) into the descending distillation grid
+      const int index = static_cast<int>(std::floor(static_cast<double>(i) * o.original_steps / steps));
+      g.t.push_back((o.original_steps - index) * k - 1.0);
+    }
+  } else {
+    throw std::invalid_argument("unknown timestep spacing '" + o.spacing +
+                                "' (expected uniform, leading, trailing, linspace, kdiffusion, karras, exponential, "
+                                "simple, sgm_uniform or lcm)");
+  }
+  for (double t : g.t)
+    if (!(t >= 0 && t <= T - 1))
+      throw std::invalid_argument("spacing '" + o.spacing + "' gives timestep " + std::to_string(t) + " outside [0, " +
                                   std::to_string(T - 1) + "] (check steps_offset)");
-  return std::vector<double>(ascending.rbegin(), ascending.rend());
+  for (double t : g.t) g.sigma.push_back(sigma_at(alphas_cumprod, t, o.interpolation));
+  if (!respace.empty()) {
+    // The re-spaced range: the whole schedule for the k-diffusion grids, else the spaced grid's own (diffusers).
+    const bool whole = o.spacing == "karras" || o.spacing == "exponential" || o.multistep;
+    const double sigma_max = whole ? sigma_of_alpha(alphas_cumprod.back()) : g.sigma.front();
+    const double sigma_min = whole ? sigma_of_alpha(alphas_cumprod.front()) : g.sigma.back();
+    g.sigma = respaced_sigmas(respace, steps, sigma_max, sigma_min);
+    g.t.clear();
+    for (double s : g.sigma) g.t.push_back(o.multistep ? std::nearbyint(timestep_of_sigma(alphas_cumprod, s))
+                                                       : timestep_of_sigma(alphas_cumprod, s));
+  }
+  return g;
+}
+
+std::vector<double> make_timesteps(const std::string& spacing, int steps, const std::vector<double>& alphas_cumprod,
+                                   int steps_offset) {
+  GridOptions o;
+  o.spacing = spacing;
+  o.steps_offset = steps_offset;
+  return make_grid(steps, alphas_cumprod, o).t;
 }
 
 }  // namespace ldmrt

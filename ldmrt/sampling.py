@@ -1,5 +1,6 @@
-"""Sampling: DDPM, DDIM, PLMS, DPM-Solver++(2M), Euler and Euler-ancestral, compiled to a plan and run by the
-C++ loop in `ldmrt._C` (csrc/).
+"""Sampling: CompVis' DDPM, DDIM and PLMS, k-diffusion's samplers (Euler, Euler a, Heun, DPM2, DPM2 a, LMS,
+DPM++ 2S a, DPM++ SDE, DPM++ 2M, 2M SDE, 3M SDE), diffusers' LCM, compiled to a plan and run by the C++ loop in
+`ldmrt._C` (csrc/). The names users know from AUTOMATIC1111 and diffusers map onto these in ldmrt.schedulers.
 
 The model is any callable `eps = eps_fn(x, t)`: x has the latent's type (numpy array, or CPU torch tensor when
 x_T is one) and shape, t is a float timestep (fractional with Karras sigmas), and it returns eps of x's shape.
@@ -19,27 +20,51 @@ import numpy as np
 from . import _C
 
 SAMPLERS = tuple(_C.sampler_names())
-SPACINGS = ("uniform", "leading", "trailing", "linspace", "karras")
+SPACINGS = ("uniform", "leading", "trailing", "linspace", "kdiffusion", "karras", "exponential", "simple",
+            "sgm_uniform", "lcm")
+# Grid and convention options of make_plan beyond the spacing, with their defaults (csrc/include/ldmrt/samplers.h):
+# what a diffusers scheduler_config.json becomes (ldmrt.schedulers).
+PLAN_OPTIONS = {"steps_offset": 0, "final_alpha_cumprod": None, "sigma_interpolation": "log", "respace": "",
+                "multistep_grid": False, "original_steps": 50, "start_noise": "default", "lower_order_final": False,
+                "euler_at_final": False, "solver_type": ""}
 
 make_alphas_cumprod = _C.make_alphas_cumprod
 make_timesteps = _C.make_timesteps
 
 
-def make_plan(*, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform", steps_offset=0,
-              final_alpha_cumprod=None, strength=1.0, cache_interval=1, guidance_interval=None,
-              cache_schedule="uniform"):
+def make_plan(*, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform", strength=1.0, cache_interval=1,
+              guidance_interval=None, cache_schedule="uniform", **options):
     """Compile a sampler into an `ldmrt._C.Plan` (see csrc/include/ldmrt/plan.h); raises ValueError on bad
     arguments (steps < 1 or > T, eta < 0, unknown sampler or spacing, strength outside [0, 1]).
 
+    options: PLAN_OPTIONS (diffusers' conventions: steps_offset, final_alpha_cumprod, sigma_interpolation "log" or
+    "linear", respace "karras"/"exponential" over the spaced range, multistep_grid, original_steps (lcm),
+    start_noise "default"/"sigma"/"unit", lower_order_final, euler_at_final, solver_type "midpoint"/"heun" of the
+    DPM++ multistep samplers).
     cache_interval: DeepCache, the full UNet every N-th step and its shallow branch between (stage["shallow"]);
     cache_schedule "quadratic" places as many full steps denser around 30% of the schedule (csrc/samplers.cpp).
     guidance_interval: (from, until) fractions of the steps where guidance applies (stage["guided"]); outside
     it a guided loop makes one conditional evaluation of the batch alone."""
+    unknown = set(options) - set(PLAN_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown plan option(s) {sorted(unknown)} (expected {sorted(PLAN_OPTIONS)})")
+    o = {**PLAN_OPTIONS, **options}
     lo, hi = (0.0, 1.0) if guidance_interval is None else map(float, guidance_interval)
+    final = o["final_alpha_cumprod"]
     return _C.make_plan(sampler, int(steps), _as_float64(alphas_cumprod), None if eta is None else float(eta),
-                        timestep_spacing, int(steps_offset),
-                        None if final_alpha_cumprod is None else float(final_alpha_cumprod), float(strength),
-                        int(cache_interval), (lo, hi), str(cache_schedule))
+                        timestep_spacing, int(o["steps_offset"]), None if final is None else float(final),
+                        float(strength), int(cache_interval), (lo, hi), str(cache_schedule),
+                        str(o["sigma_interpolation"]), str(o["respace"]), bool(o["multistep_grid"]),
+                        int(o["original_steps"]), str(o["start_noise"]), bool(o["lower_order_final"]),
+                        bool(o["euler_at_final"]), str(o["solver_type"]))
+
+
+def noise_from_sampler(plan, noise_sampler, *, with_mask=False):
+    """A noise_fn for `run` from a k-diffusion-style noise_sampler(sigma_from, sigma_to) (e.g. k-diffusion's
+    BrownianTreeNoiseSampler, as AUTOMATIC1111 uses for its SDE samplers): draw d gets the interval of the plan's
+    d-th noise draw (plan.noise_intervals)."""
+    intervals = plan.noise_intervals(with_mask)
+    return lambda draw: noise_sampler(*intervals[draw])
 
 
 def randn(seed, shape, *, stream=0, dtype="float32"):
@@ -47,29 +72,29 @@ def randn(seed, shape, *, stream=0, dtype="float32"):
     return _C.randn(int(seed), list(shape), int(stream), str(np.dtype(dtype)))
 
 
-def sample(eps_fn, x_T, *, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform", steps_offset=0,
-           final_alpha_cumprod=None, guidance_scale=None, x0=None, mask=None, strength=1.0, seed=0, noise_fn=None,
-           guidance_interval=None):
+def sample(eps_fn, x_T, *, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform", guidance_scale=None,
+           x0=None, mask=None, strength=1.0, seed=0, noise_fn=None, guidance_interval=None, **options):
     """Run a sampler from x_T (float32 or float64, numpy or CPU torch); returns a new latent of x_T's type.
 
-    eta: DDIM's eta (default 0) or euler_ancestral's (default 1); other samplers take none.
-    timestep_spacing: "uniform" (CompVis DDIMSampler), "leading" (with steps_offset), "trailing", "linspace"
-        (diffusers) or "karras".
-    final_alpha_cumprod: DDIM/PLMS alpha after the last step (default alphas_cumprod[0] as CompVis; 1.0 is
-        diffusers' set_alpha_to_one).
+    eta: DDIM's eta (default 0) or the ancestral/SDE samplers' (default 1); other samplers take none.
+    timestep_spacing: SPACINGS ("uniform" is CompVis DDIMSampler's; "leading" (with steps_offset), "trailing",
+        "linspace" diffusers'; "kdiffusion", "karras", "exponential" k-diffusion's; "simple", "sgm_uniform"
+        ComfyUI's; "lcm" diffusers' LCMScheduler's).
+    options: see make_plan; final_alpha_cumprod is the alpha after the last step (default alphas_cumprod[0] for
+        the CompVis-style samplers as CompVis; 1.0, diffusers' set_alpha_to_one, and the k-diffusion default).
     x0, strength: img2img, run the last int(strength * steps) steps from x0 noised with x_T to the first of them.
     x0, mask: inpainting with an ordinary model (CompVis semantics): before each step, where mask is 1 the latent
         is replaced by x0 noised to that step's level. mask broadcasts to the latent's shape.
     seed / noise_fn: the stochastic samplers' noise; Philox streams 1, 2, ... of `seed` by default, or
         `noise_fn(draw)` returning unit normal noise of the latent's shape for draw 0, 1, ... (in loop order: per
         step the inpainting blend's draw, then the step's; none where the coefficient is 0), e.g.
-        `lambda draw: torch.randn(shape, generator=g)` to reproduce a torch.Generator stream.
+        `lambda draw: torch.randn(shape, generator=g)` to reproduce a torch.Generator stream, or
+        noise_from_sampler(plan, k-diffusion's BrownianTreeNoiseSampler).
     guidance_interval: (from, until) fractions of the steps with guidance; on the others eps_fn gets x alone
         (not doubled) and must evaluate it with the conditional conditioning.
     """
     plan = make_plan(sampler=sampler, steps=steps, alphas_cumprod=alphas_cumprod, eta=eta,
-                     timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                     final_alpha_cumprod=final_alpha_cumprod, strength=strength, guidance_interval=guidance_interval)
+                     timestep_spacing=timestep_spacing, strength=strength, guidance_interval=guidance_interval, **options)
     return run(plan, eps_fn, x_T, guidance_scale=guidance_scale, x0=x0, mask=mask, seed=seed, noise_fn=noise_fn)
 
 

@@ -174,7 +174,14 @@ def test_strength_zero_returns_x0(data):
     (dict(steps=1001), "steps must be in"),
     (dict(eta=-0.5), "eta must be >= 0"),
     (dict(sampler="plms", eta=0.5), "takes no eta"),
-    (dict(sampler="heun"), "unknown sampler"),
+    (dict(sampler="dpm_fast"), "unknown sampler"),
+    (dict(sampler="euler", solver_type="heun"), "only to the DPM"),
+    (dict(sampler="dpmpp_2m", solver_type="rk4"), "solver_type must be"),
+    (dict(sampler="euler", start_noise="half"), "start_noise must be"),
+    (dict(sigma_interpolation="cubic", timestep_spacing="kdiffusion", sampler="euler"), "unknown sigma interpolation"),
+    (dict(respace="beta", sampler="euler"), "unknown sigma re-spacing"),
+    (dict(timestep_spacing="lcm", steps=60), "original_steps"),
+    (dict(cfg_rescale=0.7), "unknown plan option"),
     (dict(timestep_spacing="quad"), "unknown timestep spacing"),
     (dict(strength=1.5), "strength must be in"),
     (dict(strength=-0.1), "strength must be in"),
@@ -333,3 +340,99 @@ def test_quadratic_cache_schedule():
     assert gaps[:3].mean() > gaps[5:9].mean() < gaps[-3:].mean()  # sparse, dense around step 15, sparse
     with pytest.raises(ValueError, match="cache_schedule must be 'uniform' or 'quadratic'"):
         sampling.make_plan(sampler="ddim", steps=4, alphas_cumprod=AC, cache_interval=2, cache_schedule="cubic")
+
+
+# --- k-diffusion itself (LDMRT_KDIFFUSION_SRC: a crowsonkb/k-diffusion checkout; needs scipy, torchsde, torchdiffeq) ---
+
+K_DIFFUSION = {"euler": "sample_euler", "euler_ancestral": "sample_euler_ancestral", "heun": "sample_heun",
+               "dpm_2": "sample_dpm_2", "dpm_2_ancestral": "sample_dpm_2_ancestral", "lms": "sample_lms",
+               "dpmpp_2s_ancestral": "sample_dpmpp_2s_ancestral", "dpmpp_sde": "sample_dpmpp_sde",
+               "dpmpp_2m": "sample_dpmpp_2m", "dpmpp_2m_sde": "sample_dpmpp_2m_sde",
+               "dpmpp_3m_sde": "sample_dpmpp_3m_sde"}
+
+
+def k_diffusion_sampling(mp):
+    import importlib.util
+    import os
+    import sys
+    import types
+    src = os.environ.get("LDMRT_KDIFFUSION_SRC")
+    if not src:
+        pytest.skip("set LDMRT_KDIFFUSION_SRC to a k-diffusion checkout to run parity tests")
+    for needed in ("scipy", "torchsde", "torchdiffeq", "tqdm"):
+        pytest.importorskip(needed)
+    # sampling.py needs only utils.append_dims of its package; the package's __init__ imports training code.
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [f"{src}/k_diffusion"]
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    package.utils = utils
+    mp.setitem(sys.modules, "k_diffusion", package)
+    mp.setitem(sys.modules, "k_diffusion.utils", utils)
+    spec = importlib.util.spec_from_file_location("k_diffusion.sampling", f"{src}/k_diffusion/sampling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def float64_default():
+    """k-diffusion's grids call torch.linspace with the default dtype: float64, as ldmrt computes them."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("grid", ["kdiffusion", "karras", "exponential"])
+@pytest.mark.parametrize("name", sorted(K_DIFFUSION))
+def test_k_diffusion_parity(data, monkeypatch, float64_default, name, grid):
+    """ldmrt's plan == k-diffusion's own loop (float64, its grids, the same noise draws in order)."""
+    k = k_diffusion_sampling(monkeypatch)
+    eps = gaussian_eps(data["mean"], 0.7)
+    steps, ac = 12, torch.from_numpy(AC)
+    log_sigmas = torch.log(((1 - ac) / ac) ** 0.5)
+    sigma_min, sigma_max = log_sigmas[0].exp().item(), log_sigmas[-1].exp().item()
+    if grid == "kdiffusion":  # DiscreteSchedule.get_sigmas
+        t = torch.linspace(T - 1, 0, steps, dtype=torch.float64)
+        low, w = t.floor().long(), t.frac()
+        sigmas = k.append_zero(((1 - w) * log_sigmas[low] + w * log_sigmas[t.ceil().long()]).exp())
+    else:
+        sigmas = getattr(k, f"get_sigmas_{grid}")(steps, sigma_min, sigma_max).double()
+
+    def denoiser(x, sigma):
+        s = float(sigma.reshape(-1)[0])
+        x_in = (x / (s * s + 1) ** 0.5).numpy()
+        return x - s * torch.from_numpy(eps(x_in, ref.sigma_to_t(AC, s)))
+
+    draws = [torch.from_numpy(sampling.randn(9, SHAPE, stream=d + 1, dtype="float64")) for d in range(3 * steps)]
+    taken = iter(draws)
+    x_T = torch.from_numpy(data["x_T"])
+    import inspect
+    takes_noise = "noise_sampler" in inspect.signature(getattr(k, K_DIFFUSION[name])).parameters
+    extra = {"noise_sampler": lambda a, b: next(taken)} if takes_noise else {}
+    expected = getattr(k, K_DIFFUSION[name])(denoiser, sigmas[0] * x_T, sigmas, disable=True, **extra)
+    out = sampling.sample(eps, data["x_T"], sampler=name, steps=steps, alphas_cumprod=AC, timestep_spacing=grid,
+                          noise_fn=lambda d: draws[d].numpy())
+    assert rel_l2(out, expected.numpy()) <= 1e-9
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+                                  "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_noise_intervals_feed_a_noise_sampler(data, name):
+    """noise_from_sampler gives each draw the (sigma, sigma_next) k-diffusion passes its noise_sampler, in order:
+    a noise sampler whose output depends on the interval (as Brownian-tree noise does) gives the same image."""
+    def noise_sampler(sigma_from, sigma_to):
+        seed = int(1e6 * sigma_from) ^ int(1e9 * sigma_to)
+        return sampling.randn(seed % (2 ** 63), SHAPE, dtype="float64")
+    kw = dict(sampler=name, steps=8, alphas_cumprod=AC, timestep_spacing="karras")
+    plan = sampling.make_plan(**kw)
+    out = sampling.run(plan, gaussian_eps(data["mean"], 0.7), data["x_T"],
+                       noise_fn=sampling.noise_from_sampler(plan, noise_sampler))
+    calls = []
+
+    def recording(*interval):
+        calls.append(interval)
+        return noise_sampler(*interval)
+    expected = ref.sample_reference(gaussian_eps(data["mean"], 0.7), data["x_T"], noise_sampler=recording, **kw)
+    assert np.allclose(plan.noise_intervals(), np.array(calls, dtype=np.float64), rtol=1e-12, atol=0)
+    assert rel_l2(out, expected) <= 1e-10

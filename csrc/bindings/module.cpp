@@ -51,8 +51,11 @@ void run(const Plan& plan, Array<Real> latent, const py::function& model, std::o
   if (guidance_scale && shape.empty()) throw std::invalid_argument("guidance needs a batch dimension");
 
   Workspace<Real> ws = Workspace<Real>::allocate(plan, count, false);
-  Array<Real> trial(shape);
-  ws.trial = trial.mutable_data();
+  std::vector<Array<Real>> history;  // numpy, so a stage that evaluates a slot passes it without a copy
+  for (int k = 0; k < plan.history_slots; ++k) {
+    history.emplace_back(shape);
+    ws.history[static_cast<std::size_t>(k)] = history.back().mutable_data();
+  }
   std::vector<py::ssize_t> doubled = shape;
   Array<Real> model_input;
   if (guidance_scale) {
@@ -62,7 +65,10 @@ void run(const Plan& plan, Array<Real> latent, const py::function& model, std::o
   }
   py::object held;  // keeps the model's last output alive while the loop reads it
   EpsModel<Real> eps_model = [&](const Real* x, std::size_t n, double t) -> const Real* {
-    py::array input = x == ws.model_input ? py::array(model_input) : x == ws.trial ? py::array(trial) : py::array(latent);
+    py::array input = latent;
+    if (x == ws.model_input) input = model_input;
+    for (std::size_t k = 0; k < history.size(); ++k)
+      if (x == ws.history[k]) input = history[k];
     py::object out = model(input, t);
     auto eps = Array<Real>::ensure(out);  // no copy when already C-contiguous of this dtype
     if (!eps) {
@@ -95,11 +101,13 @@ void run(const Plan& plan, Array<Real> latent, const py::function& model, std::o
 py::dict stage_dict(const Stage& s) {
   py::dict d;
   d["timestep"] = s.timestep;
-  d["model_input"] = s.model_input == Buffer::Trial ? "trial" : "latent";
+  d["model_input"] = s.model_input;  // -1: the latent, else a history slot
   d["starts_step"] = s.starts_step;
   d["blend_x0"] = s.blend_x0;
   d["blend_noise"] = s.blend_noise;
-  d["dst"] = s.dst == Buffer::Trial ? "trial" : "latent";
+  d["dst"] = s.dst;
+  d["noise_from"] = s.noise_from;
+  d["noise_to"] = s.noise_to;
   d["c_latent"] = s.c_latent;
   d["c_eps"] = s.c_eps;
   d["c_noise"] = s.c_noise;
@@ -145,6 +153,15 @@ PYBIND11_MODULE(_C, m) {
           if (s.starts_step) t.push_back(s.timestep);
         return to_numpy(t);
       })
+      .def("noise_intervals", [](const Plan& p, bool with_mask) {
+        // (sigma_from, sigma_to) of every noise draw in loop order; an inpainting blend's draw has (0, 0).
+        std::vector<std::pair<double, double>> out;
+        for (const Stage& s : p.stages) {
+          if (s.starts_step && with_mask) out.emplace_back(0.0, 0.0);
+          if (s.c_noise != 0) out.emplace_back(s.noise_from, s.noise_to);
+        }
+        return out;
+      }, py::arg("with_mask") = false)
       .def("__repr__", [](const Plan& p) {
         return "<ldmrt Plan " + p.sampler + ", " + std::to_string(p.num_steps) + " steps, " +
                std::to_string(p.stages.size()) + " model evaluations>";
@@ -153,7 +170,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("make_plan", [](const std::string& sampler, int steps, const py::array_t<double, py::array::c_style | py::array::forcecast>& ac,
                         std::optional<double> eta, const std::string& spacing, int steps_offset,
                         std::optional<double> final_alpha_cumprod, double strength, int cache_interval,
-                        std::pair<double, double> guidance_interval, const std::string& cache_schedule) {
+                        std::pair<double, double> guidance_interval, const std::string& cache_schedule,
+                        const std::string& sigma_interpolation, const std::string& respace, bool multistep_grid,
+                        int original_steps, const std::string& start_noise, bool lower_order_final,
+                        bool euler_at_final, const std::string& solver_type) {
     SamplerConfig c;
     c.cache_interval = cache_interval;
     c.cache_schedule = cache_schedule;
@@ -165,13 +185,24 @@ PYBIND11_MODULE(_C, m) {
     c.eta = eta;
     c.timestep_spacing = spacing;
     c.steps_offset = steps_offset;
+    c.sigma_interpolation = sigma_interpolation;
+    c.respace = respace;
+    c.multistep_grid = multistep_grid;
+    c.original_steps = original_steps;
     c.final_alpha_cumprod = final_alpha_cumprod;
+    c.start_noise = start_noise;
+    c.lower_order_final = lower_order_final;
+    c.euler_at_final = euler_at_final;
+    c.solver_type = solver_type;
     c.strength = strength;
     return make_plan(c);
   }, py::arg("sampler"), py::arg("steps"), py::arg("alphas_cumprod"), py::arg("eta") = py::none(),
      py::arg("timestep_spacing") = "uniform", py::arg("steps_offset") = 0, py::arg("final_alpha_cumprod") = py::none(),
      py::arg("strength") = 1.0, py::arg("cache_interval") = 1,
-     py::arg("guidance_interval") = std::pair<double, double>(0.0, 1.0), py::arg("cache_schedule") = "uniform");
+     py::arg("guidance_interval") = std::pair<double, double>(0.0, 1.0), py::arg("cache_schedule") = "uniform",
+     py::arg("sigma_interpolation") = "log", py::arg("respace") = "", py::arg("multistep_grid") = false,
+     py::arg("original_steps") = 50, py::arg("start_noise") = "default", py::arg("lower_order_final") = false,
+     py::arg("euler_at_final") = false, py::arg("solver_type") = "");
   m.def("sampler_names", &sampler_names);
 
   m.def("run_plan", &run<float>, py::arg("plan"), py::arg("latent").noconvert(), py::arg("model"),

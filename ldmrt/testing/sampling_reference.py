@@ -1,9 +1,10 @@
 """Float64 reference implementations of every sampler, written the way their sources write them.
 
 These are for tests only: each is a direct numpy transcription of the original loop (CompVis DDIMSampler,
-PLMSSampler and LatentDiffusion.p_sample_loop for DDIM, PLMS and DDPM; k-diffusion's sample_euler,
-sample_euler_ancestral and sample_dpmpp_2m over DiscreteEpsDDPMDenoiser for the others), independent of the
-plan compiler in csrc/, against which tests compare `ldmrt.sampling.sample`.
+PLMSSampler and LatentDiffusion.p_sample_loop for DDIM, PLMS and DDPM; k-diffusion's sample_* loops over
+DiscreteEpsDDPMDenoiser for the others; diffusers' LCMScheduler.step for LCM), independent of the plan compiler in
+csrc/, against which tests compare `ldmrt.sampling.sample`. The grids follow their sources too: CompVis
+make_ddim_timesteps, diffusers' set_timesteps, k-diffusion's get_sigmas_*, ComfyUI's simple/sgm_uniform.
 
 Conventions shared with the C++ loop, so both can be fed the same noise: `noise_fn(draw)` returns standard normal
 noise of x_T's shape for draw 0, 1, ...: per step the inpainting blend's draw (when a mask is given) comes first,
@@ -13,8 +14,11 @@ import math
 
 import numpy as np
 
-SAMPLERS = ("ddpm", "ddim", "plms", "dpmpp_2m", "euler", "euler_ancestral")
-SPACINGS = ("uniform", "leading", "trailing", "linspace", "karras")
+SAMPLERS = ("ddpm", "ddim", "plms", "lcm", "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
+            "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmpp_3m_sde")
+SPACINGS = ("uniform", "leading", "trailing", "linspace", "kdiffusion", "karras", "exponential", "simple",
+            "sgm_uniform", "lcm")
+COMPVIS_STYLE = ("ddpm", "ddim", "plms", "lcm")  # start from x_T, end on alphas_cumprod[0]; the rest as k-diffusion
 
 
 def make_alphas_cumprod(schedule, num_timesteps, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
@@ -56,83 +60,149 @@ def t_to_sigma(alphas_cumprod, t):
     return math.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])
 
 
+def sigma_at(alphas_cumprod, t, interpolation="log"):
+    """sigma at a timestep: k-diffusion's t_to_sigma (log), or np.interp of sigma (diffusers' Euler family)."""
+    sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    if interpolation == "linear":
+        return float(np.interp(t, np.arange(len(sigmas)), sigmas))
+    return t_to_sigma(alphas_cumprod, t)
+
+
 def alpha_at(alphas_cumprod, t):
     if t == int(t):
         return float(alphas_cumprod[int(t)])
     return 1 / (1 + t_to_sigma(alphas_cumprod, t) ** 2)
 
 
-def make_timesteps(spacing, steps, alphas_cumprod, steps_offset=0):
-    """Descending timesteps: CompVis make_ddim_timesteps('uniform'), diffusers leading/trailing/linspace,
-    or Karras sigmas mapped to fractional timesteps (k-diffusion)."""
-    T = len(alphas_cumprod)
+def make_grid(spacing, steps, alphas_cumprod, steps_offset=0, sigma_interpolation="log", respace="",
+              multistep_grid=False, original_steps=50):
+    """(timesteps, sigmas), descending, as each source computes them."""
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    T = len(ac)
+    all_sigmas = np.sqrt((1 - ac) / ac)
+    if spacing in ("karras", "exponential"):
+        spacing, respace, whole = "kdiffusion", spacing, True
+    else:
+        whole = multistep_grid
+    n = steps + 1 if multistep_grid and spacing in ("leading", "linspace") else steps
     if spacing == "uniform":
-        t = np.asarray(list(range(0, T, T // steps))) + 1
+        t = (np.asarray(list(range(0, T, T // n))) + 1)[::-1]
     elif spacing == "leading":
-        t = (np.arange(0, steps) * (T // steps)).round() + steps_offset
+        t = ((np.arange(0, n) * (T // n)).round() + steps_offset)[::-1]
     elif spacing == "trailing":
-        t = np.round(np.arange(T, 0, -T / steps))[::-1] - 1
+        t = np.round(np.arange(T, 0, -T / n)) - 1
     elif spacing == "linspace":
-        t = np.linspace(0, T - 1, steps).round()
-    elif spacing == "karras":
-        sigmas = np.exp(_log_sigmas(alphas_cumprod))
-        rho = 7.0
-        ramp = np.linspace(0, 1, steps)
-        min_inv, max_inv = sigmas[0] ** (1 / rho), sigmas[-1] ** (1 / rho)
-        karras = (max_inv + ramp * (min_inv - max_inv)) ** rho
-        return np.array([sigma_to_t(alphas_cumprod, s) for s in karras])
+        t = np.linspace(0, T - 1, n).round()[::-1]
+    elif spacing == "kdiffusion":  # DiscreteSchedule.get_sigmas
+        t = np.linspace(T - 1, 0, n)
+    elif spacing == "sgm_uniform":  # sd_schedulers.sgm_uniform: linspace(start, end, n + 1)[:-1]
+        t = np.linspace(T - 1, 0, n + 1)[:-1]
+    elif spacing == "simple":  # sigmas[-(1 + int(x * len(sigmas) / n))]
+        t = np.array([T - 1 - int(x * (T / n)) for x in range(n)])
+    elif spacing == "lcm":  # LCMScheduler.set_timesteps, strength 1
+        origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
+        t = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
     else:
         raise ValueError(f"unknown spacing {spacing!r}")
-    return np.asarray(t, dtype=np.float64)[::-1].copy()
+    t = np.asarray(t, dtype=np.float64)
+    if n != steps:
+        t = t[:-1]
+    sigmas = np.array([sigma_at(ac, x, sigma_interpolation) for x in t])
+    if respace:
+        hi, lo = (all_sigmas[-1], all_sigmas[0]) if whole else (sigmas[0], sigmas[-1])
+        if respace == "karras":  # get_sigmas_karras
+            rho, ramp = 7.0, np.linspace(0, 1, steps)
+            sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        else:  # get_sigmas_exponential
+            sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), steps))
+        t = np.array([sigma_to_t(ac, x) for x in sigmas])
+        if multistep_grid:
+            t = t.round()
+    return t, sigmas
+
+
+def make_timesteps(spacing, steps, alphas_cumprod, steps_offset=0):
+    return make_grid(spacing, steps, alphas_cumprod, steps_offset)[0]
 
 
 class _Model:
     """Calls eps_fn once per evaluation, with the doubled batch [x; x] under guidance, and combines. With a
-    guidance interval (lo, hi) over n steps, evaluation k is guided when lo <= k / n < hi, else eps_fn gets x
-    alone (samplers with one evaluation per step: not PLMS, whose first step evaluates twice)."""
+    guidance interval (lo, hi) over n steps, the evaluations of step k are guided when lo <= k / n < hi, else
+    eps_fn gets x alone."""
 
     def __init__(self, eps_fn, guidance_scale, interval=None, steps=1):
-        self.eps_fn, self.scale, self.interval, self.steps, self.calls = eps_fn, guidance_scale, interval, steps, 0
+        self.eps_fn, self.scale, self.interval, self.steps = eps_fn, guidance_scale, interval, steps
 
-    def __call__(self, x, t):
-        k, self.calls = self.calls, self.calls + 1
-        if self.scale is None or (self.interval is not None and not self.interval[0] <= k / self.steps < self.interval[1]):
+    def __call__(self, x, t, step):
+        if self.scale is None or (self.interval is not None and not self.interval[0] <= step / self.steps < self.interval[1]):
             return np.asarray(self.eps_fn(x, t), dtype=np.float64)
         eps_u, eps_c = np.split(np.asarray(self.eps_fn(np.concatenate([x, x]), t), dtype=np.float64), 2)
         return eps_u + self.scale * (eps_c - eps_u)
 
 
 class _Noise:
+    """noise_fn's draws in order; k-diffusion's noise_sampler(sigma, sigma_next) form too (the interval unused)."""
+
     def __init__(self, noise_fn):
         self.noise_fn, self.draw = noise_fn, 0
 
-    def __call__(self):
+    def __call__(self, *interval):
         out = np.asarray(self.noise_fn(self.draw), dtype=np.float64)
         self.draw += 1
         return out
 
 
 def sample_reference(eps_fn, x_T, *, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uniform",
-                     steps_offset=0, final_alpha_cumprod=None, guidance_scale=None, x0=None, mask=None,
-                     strength=1.0, noise_fn=None, guidance_interval=None):
+                     final_alpha_cumprod=None, guidance_scale=None, x0=None, mask=None, strength=1.0, noise_fn=None,
+                     guidance_interval=None, start_noise="default", lower_order_final=False, euler_at_final=False,
+                     solver_type="", noise_sampler=None, **grid):
+    """noise_sampler(sigma_from, sigma_to): the k-diffusion samplers' noise in k-diffusion's form (else noise_fn's
+    draws in order)."""
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     x_T = np.asarray(x_T, dtype=np.float64)
     x0 = None if x0 is None else np.asarray(x0, dtype=np.float64)
     mask = None if mask is None else np.broadcast_to(np.asarray(mask, dtype=np.float64), x_T.shape)
-    ts = make_timesteps(timestep_spacing, steps, ac, steps_offset)
+    ts, sigmas = make_grid(timestep_spacing, steps, ac, **grid)
     keep = int(strength * len(ts))
-    ts = ts[len(ts) - keep:]
+    ts, sigmas = ts[len(ts) - keep:], sigmas[len(ts) - keep:]
     model, noise = _Model(eps_fn, guidance_scale, guidance_interval, len(ts)), _Noise(noise_fn)
     if keep == 0:
         return x0.copy()
-    if sampler in ("ddim", "plms"):
-        a_end = ac[0] if final_alpha_cumprod is None else final_alpha_cumprod
-        eta = 0.0 if eta is None else eta
-        return _compvis_ddim_plms(model, noise, x_T, ts, ac, a_end, eta, sampler == "plms", x0, mask, strength < 1)
-    if sampler == "ddpm":
-        return _compvis_ddpm(model, noise, x_T, ts, ac, x0, mask, strength < 1)
+    if sampler in COMPVIS_STYLE:
+        a_end = 1.0 if sampler == "ddpm" else ac[0] if final_alpha_cumprod is None else final_alpha_cumprod
+        alphas = np.array([alpha_at(ac, t) if s == sigma_at(ac, t) else 1 / (1 + s * s) for t, s in zip(ts, sigmas)])
+        img = math.sqrt(alphas[0]) * x0 + math.sqrt(1 - alphas[0]) * x_T if strength < 1 else x_T.copy()
+        if start_noise == "sigma" and strength == 1:
+            img = img * sigmas[0] / math.sqrt(1 + sigmas[0] ** 2)
+        if sampler == "ddpm":
+            return _compvis_ddpm(model, noise, img, ts, alphas, a_end, x0, mask)
+        if sampler == "lcm":
+            return _diffusers_lcm(model, noise, img, ts, alphas, a_end, x0, mask)
+        return _compvis_ddim_plms(model, noise, img, ts, alphas, a_end, 0.0 if eta is None else eta, sampler == "plms",
+                                  x0, mask)
+    sigma_end = 0.0 if final_alpha_cumprod is None else math.sqrt(1 / final_alpha_cumprod - 1)
+    sigmas = np.append(sigmas, sigma_end)
+    if strength < 1:
+        x = x0 + sigmas[0] * x_T
+    elif start_noise == "unit":  # diffusers' init_noise_sigma sqrt(sigma_max^2 + 1)
+        x = math.sqrt(sigmas[0] ** 2 + 1) * x_T
+    else:
+        x = sigmas[0] * x_T
+    # The k-diffusion denoiser over the discrete eps model (CompVisDenoiser): x_ve in, denoised out; the model's
+    # timestep is sigma_to_t(sigma), or the grid's own timestep where the sigma is a grid point.
+    grid_t = dict(zip(sigmas[:-1], ts))
+
+    def denoise(x, sigma, step):
+        t = grid_t.get(sigma)
+        t = sigma_to_t(ac, sigma) if t is None else t
+        return x - sigma * model(x / math.sqrt(sigma ** 2 + 1), float(t), step)
+
+    def blend(x, step):  # the CompVis blend, written for x = x0 + sigma * noise, before each step
+        return x if mask is None else (x0 + sigmas[step] * noise()) * mask + (1 - mask) * x
+
     eta = 1.0 if eta is None else eta
-    return _k_diffusion(sampler, model, noise, x_T, ts, ac, eta, x0, mask, strength < 1)
+    opts = dict(lower_order_final=lower_order_final, euler_at_final=euler_at_final, solver_type=solver_type)
+    return _K_SAMPLERS[sampler](denoise, blend, x, sigmas, noise if noise_sampler is None else noise_sampler, eta, opts)
 
 
 def _blend(noise, x, x0, mask, a):
@@ -142,11 +212,9 @@ def _blend(noise, x, x0, mask, a):
     return (math.sqrt(a) * x0 + math.sqrt(1 - a) * noise()) * mask + (1 - mask) * x
 
 
-def _compvis_ddim_plms(model, noise, x_T, ts, ac, a_end, eta, plms, x0, mask, img2img):
-    alphas = np.array([alpha_at(ac, t) for t in ts])
+def _compvis_ddim_plms(model, noise, img, ts, alphas, a_end, eta, plms, x0, mask):
     alphas_prev = np.append(alphas[1:], a_end)
     sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
-    img = math.sqrt(alphas[0]) * x0 + math.sqrt(1 - alphas[0]) * x_T if img2img else x_T.copy()
     old_eps = []
 
     def step(x, e_t, i):
@@ -160,13 +228,13 @@ def _compvis_ddim_plms(model, noise, x_T, ts, ac, a_end, eta, plms, x0, mask, im
 
     for i, t in enumerate(ts):
         img = _blend(noise, img, x0, mask, alphas[i])
-        e_t = model(img, float(t))
+        e_t = model(img, float(t), i)
         if not plms:
             img = step(img, e_t, i)
             continue
         if len(old_eps) == 0:
             x_prev = step(img, e_t, i)
-            e_t_next = model(x_prev, float(ts[min(i + 1, len(ts) - 1)]))
+            e_t_next = model(x_prev, float(ts[min(i + 1, len(ts) - 1)]), i)
             e_prime = (e_t + e_t_next) / 2
         elif len(old_eps) == 1:
             e_prime = (3 * e_t - old_eps[-1]) / 2
@@ -179,15 +247,13 @@ def _compvis_ddim_plms(model, noise, x_T, ts, ac, a_end, eta, plms, x0, mask, im
     return img
 
 
-def _compvis_ddpm(model, noise, x_T, ts, ac, x0, mask, img2img):
-    alphas = np.array([alpha_at(ac, t) for t in ts])
-    alphas_prev = np.append(alphas[1:], 1.0)
-    img = math.sqrt(alphas[0]) * x0 + math.sqrt(1 - alphas[0]) * x_T if img2img else x_T.copy()
+def _compvis_ddpm(model, noise, img, ts, alphas, a_end, x0, mask):
+    alphas_prev = np.append(alphas[1:], a_end)
     for i, t in enumerate(ts):
         img = _blend(noise, img, x0, mask, alphas[i])
         a, a_prev = alphas[i], alphas_prev[i]
         beta = 1 - a / a_prev
-        eps = model(img, float(t))
+        eps = model(img, float(t), i)
         x_recon = math.sqrt(1 / a) * img - math.sqrt(1 / a - 1) * eps
         mean = (beta * math.sqrt(a_prev) / (1 - a)) * x_recon + ((1 - a_prev) * math.sqrt(1 - beta) / (1 - a)) * img
         variance = beta * (1 - a_prev) / (1 - a)
@@ -195,39 +261,244 @@ def _compvis_ddpm(model, noise, x_T, ts, ac, x0, mask, img2img):
     return img
 
 
-def _k_diffusion(sampler, model, noise, x_T, ts, ac, eta, x0, mask, img2img):
-    """k-diffusion samplers over the discrete eps model: denoised = x - sigma * eps(x / sqrt(sigma^2 + 1), t)."""
-    sigmas = np.append([math.sqrt(1 / alpha_at(ac, t) - 1) for t in ts], 0.0)
-    x = x0 + sigmas[0] * x_T if img2img else sigmas[0] * x_T
-    old_denoised = None
+def _diffusers_lcm(model, noise, img, ts, alphas, a_end, x0, mask):
+    """LCMScheduler.step (epsilon prediction): boundary-condition scalings, then re-noise to the next timestep."""
     for i, t in enumerate(ts):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if mask is not None:  # the CompVis blend, written for x = x0 + sigma * noise
-            x = (x0 + sigma * noise()) * mask + (1 - mask) * x
-        denoised = x - sigma * model(x / math.sqrt(sigma ** 2 + 1), float(t))
-        if sampler == "euler":
-            d = (x - denoised) / sigma
-            x = x + d * (sigma_next - sigma)
-        elif sampler == "euler_ancestral":
-            sigma_up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
-            sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
-            d = (x - denoised) / sigma
-            x = x + d * (sigma_down - sigma)
-            if sigma_next > 0 and sigma_up > 0:
-                x = x + noise() * sigma_up
-        elif sampler == "dpmpp_2m":
-            t_fn = lambda s: -math.log(s)  # noqa: E731
-            if sigma_next == 0:
-                x = denoised
-            else:
-                h = t_fn(sigma_next) - t_fn(sigma)
-                if old_denoised is None:
-                    x = (sigma_next / sigma) * x - math.expm1(-h) * denoised
-                else:
-                    r = (t_fn(sigma) - t_fn(sigmas[i - 1])) / h
-                    denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-                    x = (sigma_next / sigma) * x - math.expm1(-h) * denoised_d
-            old_denoised = denoised
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}")
+        img = _blend(noise, img, x0, mask, alphas[i])
+        a = alphas[i]
+        a_prev = alphas[i + 1] if i + 1 < len(ts) else a_end
+        scaled = t * 10
+        c_skip, c_out = 0.25 / (scaled ** 2 + 0.25), scaled / (scaled ** 2 + 0.25) ** 0.5
+        pred_x0 = (img - math.sqrt(1 - a) * model(img, float(t), i)) / math.sqrt(a)
+        denoised = c_out * pred_x0 + c_skip * img
+        img = math.sqrt(a_prev) * denoised + math.sqrt(1 - a_prev) * noise() if i + 1 < len(ts) else denoised
+    return img
+
+
+# --- k-diffusion's samplers (k_diffusion/sampling.py), over denoise(x, sigma, step) -----------------------------
+# Each loop is k-diffusion's, with s_churn = 0 and s_noise = 1; blend(x, i) is the inpainting blend at a step's
+# start (the identity without a mask).
+
+
+def _ancestral(sigma_from, sigma_to, eta):
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - up ** 2) ** 0.5, up
+
+
+def _euler(denoise, blend, x, sigmas, noise, eta, opts, ancestral=False):
+    for i in range(len(sigmas) - 1):
+        x = blend(x, i)
+        denoised = denoise(x, sigmas[i], i)
+        down, up = _ancestral(sigmas[i], sigmas[i + 1], eta) if ancestral else (sigmas[i + 1], 0.0)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (down - sigmas[i])
+        if sigmas[i + 1] > 0 and up > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * up
     return x
+
+
+def _heun(denoise, blend, x, sigmas, noise, eta, opts):
+    for i in range(len(sigmas) - 1):
+        x = blend(x, i)
+        denoised = denoise(x, sigmas[i], i)
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - denoise(x_2, sigmas[i + 1], i)) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def _dpm_2(denoise, blend, x, sigmas, noise, eta, opts, ancestral=False):
+    for i in range(len(sigmas) - 1):
+        x = blend(x, i)
+        denoised = denoise(x, sigmas[i], i)
+        down, up = _ancestral(sigmas[i], sigmas[i + 1], eta) if ancestral else (sigmas[i + 1], 0.0)
+        d = (x - denoised) / sigmas[i]
+        if down == 0:
+            x = x + d * (down - sigmas[i])
+        else:
+            sigma_mid = math.exp((math.log(sigmas[i]) + math.log(down)) / 2)
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            d_2 = (x_2 - denoise(x_2, sigma_mid, i)) / sigma_mid
+            x = x + d_2 * (down - sigmas[i])
+            if ancestral and up > 0:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * up
+    return x
+
+
+def _lms_coefficient(order, sigmas, i, j):
+    """The integral of the Lagrange basis polynomial, exactly (numpy polynomials; k-diffusion uses quad)."""
+    poly = np.poly1d([1.0])
+    for k in range(order):
+        if k != j:
+            poly = poly * np.poly1d([1.0, -sigmas[i - k]]) / (sigmas[i - j] - sigmas[i - k])
+    integral = poly.integ()
+    return integral(sigmas[i + 1]) - integral(sigmas[i])
+
+
+def _lms(denoise, blend, x, sigmas, noise, eta, opts, order=4):
+    ds = []
+    for i in range(len(sigmas) - 1):
+        x = blend(x, i)
+        denoised = denoise(x, sigmas[i], i)
+        ds = (ds + [(x - denoised) / sigmas[i]])[-order:]
+        cur = min(i + 1, order)
+        x = x + sum(_lms_coefficient(cur, sigmas, i, j) * d for j, d in zip(range(cur), reversed(ds)))
+    return x
+
+
+def _dpmpp_2s_ancestral(denoise, blend, x, sigmas, noise, eta, opts):
+    for i in range(len(sigmas) - 1):
+        x = blend(x, i)
+        denoised = denoise(x, sigmas[i], i)
+        down, up = _ancestral(sigmas[i], sigmas[i + 1], eta)
+        if down == 0:
+            x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
+        else:
+            t, t_next = -math.log(sigmas[i]), -math.log(down)
+            h = t_next - t
+            s = t + h / 2
+            x_2 = (math.exp(-s) / math.exp(-t)) * x - math.expm1(-h / 2) * denoised
+            denoised_2 = denoise(x_2, math.exp(-s), i)
+            x = (math.exp(-t_next) / math.exp(-t)) * x - math.expm1(-h) * denoised_2
+        if sigmas[i + 1] > 0 and up > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * up
+    return x
+
+
+def _dpmpp_sde(denoise, blend, x, sigmas, noise, eta, opts, r=0.5):
+    sigma_fn, t_fn = (lambda t: math.exp(-t)), (lambda s: -math.log(s))
+    for i in range(len(sigmas) - 1):
+        x = blend(x, i)
+        denoised = denoise(x, sigmas[i], i)
+        if sigmas[i + 1] == 0:
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+            continue
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        s = t + h * r
+        fac = 1 / (2 * r)
+        sd, su = _ancestral(sigma_fn(t), sigma_fn(s), eta)
+        s_ = t_fn(sd)
+        x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - math.expm1(t - s_) * denoised
+        if su > 0:
+            x_2 = x_2 + noise(sigma_fn(t), sigma_fn(s)) * su
+        denoised_2 = denoise(x_2, sigma_fn(s), i)
+        sd, su = _ancestral(sigma_fn(t), sigma_fn(t_next), eta)
+        t_next_ = t_fn(sd)
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (sigma_fn(t_next_) / sigma_fn(t)) * x - math.expm1(t - t_next_) * denoised_d
+        if su > 0:
+            x = x + noise(sigma_fn(t), sigma_fn(t_next)) * su
+    return x
+
+
+def _order_cap(i, n, opts):
+    """diffusers DPMSolverMultistep's lower_order_final / euler_at_final (k-diffusion has neither)."""
+    if i == n - 1 and (opts["euler_at_final"] or (opts["lower_order_final"] and n < 15)):
+        return 1
+    if i == n - 2 and opts["lower_order_final"] and n < 15:
+        return 2
+    return 3
+
+
+def _dpmpp_2m(denoise, blend, x, sigmas, noise, eta, opts):
+    if opts["solver_type"] == "heun":  # k-diffusion's 2M SDE at eta 0 is 2M with that correction
+        return _dpmpp_2m_sde(denoise, blend, x, sigmas, noise, 0.0, opts)
+    old_denoised = None
+    n = len(sigmas) - 1
+    for i in range(n):
+        x = blend(x, i)
+        denoised = denoise(x, sigmas[i], i)
+        t, t_next = -math.log(sigmas[i]), (math.inf if sigmas[i + 1] == 0 else -math.log(sigmas[i + 1]))
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0 or _order_cap(i, n, opts) < 2:
+            x = denoised if sigmas[i + 1] == 0 else (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * denoised
+        else:
+            r = (t - -math.log(sigmas[i - 1])) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * denoised_d
+        old_denoised = denoised
+    return x
+
+
+def _dpmpp_2m_sde(denoise, blend, x, sigmas, noise, eta, opts):
+    solver_type = opts["solver_type"] or "midpoint"
+    old_denoised, h_last = None, None
+    n = len(sigmas) - 1
+    for i in range(n):
+        x = blend(x, i)
+        denoised = denoise(x, sigmas[i], i)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(sigmas[i]) - math.log(sigmas[i + 1])
+            eta_h = eta * h
+            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + -math.expm1(-h - eta_h) * denoised
+            if old_denoised is not None and _order_cap(i, n, opts) >= 2:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + (-math.expm1(-h - eta_h) / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * -math.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h))
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+def _dpmpp_3m_sde(denoise, blend, x, sigmas, noise, eta, opts):
+    denoised_1 = denoised_2 = h_1 = h_2 = None
+    n = len(sigmas) - 1
+    for i in range(n):
+        x = blend(x, i)
+        denoised = denoise(x, sigmas[i], i)
+        h = None
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(sigmas[i]) - math.log(sigmas[i + 1])
+            h_eta = h * (eta + 1)
+            x = math.exp(-h_eta) * x + -math.expm1(-h_eta) * denoised
+            cap = _order_cap(i, n, opts)
+            if h_2 is not None and cap >= 3:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None and cap >= 2:  # k-diffusion's warm-up: the heun form (midpoint: diffusers' option)
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                c = 0.5 * -math.expm1(-h_eta) if opts["solver_type"] == "midpoint" else phi_2
+                x = x + c * (denoised - denoised_1) / (h_1 / h)
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * h * eta))
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+_K_SAMPLERS = {
+    "euler": _euler,
+    "euler_ancestral": lambda *a: _euler(*a, ancestral=True),
+    "heun": _heun,
+    "dpm_2": _dpm_2,
+    "dpm_2_ancestral": lambda *a: _dpm_2(*a, ancestral=True),
+    "lms": _lms,
+    "dpmpp_2s_ancestral": _dpmpp_2s_ancestral,
+    "dpmpp_sde": _dpmpp_sde,
+    "dpmpp_2m": _dpmpp_2m,
+    "dpmpp_2m_sde": _dpmpp_2m_sde,
+    "dpmpp_3m": lambda denoise, blend, x, sigmas, noise, eta, opts: _dpmpp_3m_sde(denoise, blend, x, sigmas, noise,
+                                                                                 0.0, opts),
+    "dpmpp_3m_sde": _dpmpp_3m_sde,
+}

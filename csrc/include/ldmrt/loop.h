@@ -38,10 +38,9 @@ struct LoopInputs {
 // arrays so the model sees them without copies); `allocate` makes owned ones.
 template <typename Real>
 struct Workspace {
-  Real* trial = nullptr;        // count values when the plan has Trial stages
   Real* model_input = nullptr;  // 2 * count values with guidance
   Real* noise = nullptr;        // count values when the plan draws noise or inpaints
-  std::vector<Real*> history;   // plan.history_slots buffers of count values
+  std::vector<Real*> history;   // plan.history_slots buffers of count values (a stage may evaluate one)
   std::vector<std::vector<Real>> owned;
   static Workspace allocate(const Plan& plan, std::size_t count, bool guided);
 

@@ -13,11 +13,13 @@
 
 namespace ldmrt {
 
-enum class Buffer { Latent, Trial };  // Trial: the extra latent of a two-evaluation step (PLMS warm-up)
+// A stage's buffers are the latent or a history slot: kLatent, or the slot's index k >= 0. A two-evaluation step
+// (Heun, DPM2, PLMS warm-up, the DPM++ singlestep samplers) writes its trial point to a slot the next stage evaluates.
+constexpr int kLatent = -1;
 
 struct Stage {
-  double timestep = 0;                 // model timestep, fractional for Karras sigmas
-  Buffer model_input = Buffer::Latent;  // the buffer the model evaluates
+  double timestep = 0;       // model timestep, fractional between grid points (Karras sigmas, midpoints)
+  int model_input = kLatent;  // the buffer the model evaluates
   // Which evaluation the model makes (the model follows them; the loop only sizes the call):
   // guided: in a guided run, the doubled [uncond; cond] batch; false: the conditional batch alone (guidance
   //   interval: Kynkaanniemi et al. 2024), and eps is that output.
@@ -35,8 +37,11 @@ struct Stage {
   //   dst = c_latent * latent + c_eps * eps + sum_k c_history[k] * history[history_slot[k]] + c_noise * noise
   // and, when push_slot >= 0, in the same pass: history[push_slot] = push_latent * latent + push_eps * eps
   // (all reads see the values from before the stage).
-  Buffer dst = Buffer::Latent;
+  int dst = kLatent;
   double c_latent = 0, c_eps = 0, c_noise = 0;
+  // The noise draw's interval in k-diffusion's sigma (sigma_from > sigma_to), for callers whose noise depends on
+  // it: k-diffusion's Brownian-tree noise_sampler(sigma_from, sigma_to). Set where c_noise != 0.
+  double noise_from = 0, noise_to = 0;
   std::array<int, 3> history_slot{{-1, -1, -1}};  // -1: unused
   std::array<double, 3> c_history{{0, 0, 0}};
   int push_slot = -1;
@@ -46,8 +51,8 @@ struct Stage {
 struct Plan {
   std::string sampler;
   std::vector<Stage> stages;
-  int num_steps = 0;      // sampler steps (a PLMS warm-up step has two stages)
-  int history_slots = 0;  // history buffers the loop must allocate
+  int num_steps = 0;      // sampler steps (a two-evaluation step has two stages)
+  int history_slots = 0;  // history buffers the loop must allocate (trial points included)
   // Initial latent: init_x0 * x0 + init_noise * x_T (init_x0 is 0 unless img2img, strength < 1).
   double init_x0 = 0, init_noise = 1;
   bool uses_x0() const { return init_x0 != 0; }

@@ -9,17 +9,32 @@
 namespace ldmrt {
 
 struct SamplerConfig {
-  std::string sampler = "ddim";  // ddpm, ddim, plms, dpmpp_2m, euler, euler_ancestral
+  std::string sampler = "ddim";  // one of sampler_names()
   int steps = 50;
   std::vector<double> alphas_cumprod;   // the model's schedule, one value per training timestep
-  // DDIM's eta, or the ancestral-noise eta of euler_ancestral; unset: 0 for ddim, 1 for euler_ancestral.
+  // DDIM's eta, or the noise eta of the ancestral and SDE samplers; unset: 0 for ddim, 1 for the others.
   // Other samplers accept only 0 (or unset).
   std::optional<double> eta;
-  std::string timestep_spacing = "uniform";  // uniform, leading, trailing, linspace, karras
-  int steps_offset = 0;                 // diffusers' steps_offset, for "leading"
-  // alphas_cumprod after the last DDIM/PLMS step; unset: alphas_cumprod[0] as CompVis (and diffusers with
-  // set_alpha_to_one=False, the Stable Diffusion config); 1.0 is diffusers' set_alpha_to_one=True.
+  // The grid (schedule.h: make_grid): spacing, steps_offset, sigma interpolation, re-spacing, multistep form.
+  std::string timestep_spacing = "uniform";
+  int steps_offset = 0;
+  std::string sigma_interpolation = "log";
+  std::string respace;
+  bool multistep_grid = false;
+  int original_steps = 50;
+  // alphas_cumprod after the last step; unset: alphas_cumprod[0] for the CompVis-style samplers (CompVis, and
+  // diffusers with set_alpha_to_one=False, the Stable Diffusion config; 1.0 is set_alpha_to_one=True), 1.0
+  // (sigma 0) for the k-diffusion ones (diffusers' final_sigmas_type "sigma_min" is alphas_cumprod[0]).
   std::optional<double> final_alpha_cumprod;
+  // The initial latent from x_T: "default" (sigma_max * x_T in x_ve for the k-diffusion samplers, x_T for the
+  // others), "sigma" or "unit" (x_T: diffusers' init_noise_sigma sqrt(sigma_max^2 + 1) or 1).
+  std::string start_noise = "default";
+  // diffusers DPMSolverMultistep: under 15 steps the last step is first order and the one before at most second;
+  // euler_at_final: the last step first order always.
+  bool lower_order_final = false, euler_at_final = false;
+  // The DPM++ multistep samplers' second-order correction: "midpoint" or "heun" (k-diffusion's solver_type,
+  // diffusers' too); "": midpoint for 2M, heun for 3M (k-diffusion's 3M warm-up step).
+  std::string solver_type;
   // img2img: run only the last int(strength * steps) steps, starting from x0 noised to the first of them.
   double strength = 1;
   // DeepCache: the full UNet on every cache_interval-th step (and where guidance switches on or off), its
