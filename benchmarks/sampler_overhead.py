@@ -16,7 +16,9 @@ from ldmrt import sampling
 from ldmrt.testing import sampling_reference
 
 SIZES = {"sd-512 (1x4x64x64)": (1, 4, 64, 64), "sd-512 batch 4": (4, 4, 64, 64), "sd-768 (1x4x96x96)": (1, 4, 96, 96)}
-SAMPLERS = {"ddim": "uniform", "plms": "uniform", "dpmpp_2m": "karras", "euler_ancestral": "leading"}
+SAMPLERS = {"ddim": "uniform", "plms": "uniform", "dpmpp_2m": "karras", "euler_ancestral": "leading",
+            "heun": "karras", "lms": "kdiffusion", "dpmpp_sde": "karras", "dpmpp_2m_sde": "karras",
+            "dpmpp_3m_sde": "exponential", "lcm": "lcm"}
 
 
 def zero_cost_model(shape, guided, dtype):
@@ -27,11 +29,10 @@ def zero_cost_model(shape, guided, dtype):
 def python_plan_loop(plan, x_T, eps_fn, guidance_scale, seed):
     """The plan's stages as separate torch ops (what a Python sampler loop does per step)."""
     x = torch.from_numpy(x_T.copy())
-    trial = torch.empty_like(x)
     history = [torch.empty_like(x) for _ in range(plan.history_slots)]
     gen = torch.Generator().manual_seed(seed)
     for stage in plan.stages:
-        inp = trial if stage["model_input"] == "trial" else x
+        inp = x if stage["model_input"] < 0 else history[stage["model_input"]]
         if guidance_scale is None:
             eps = torch.from_numpy(eps_fn(inp.numpy(), stage["timestep"]))
         else:
@@ -45,10 +46,10 @@ def python_plan_loop(plan, x_T, eps_fn, guidance_scale, seed):
             out += stage["c_noise"] * torch.randn(x.shape, generator=gen)
         if stage["push_slot"] >= 0:
             history[stage["push_slot"]] = stage["push_latent"] * x + stage["push_eps"] * eps
-        if stage["dst"] == "trial":
-            trial = out
-        else:
+        if stage["dst"] < 0:
             x = out
+        else:
+            history[stage["dst"]] = out
     return x
 
 

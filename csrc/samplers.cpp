@@ -578,7 +578,8 @@ Plan make_plan(const SamplerConfig& config) {
   grid.steps_offset = config.steps_offset;
   grid.interpolation = config.sigma_interpolation;
   grid.respace = config.respace;
-  grid.multistep = config.multistep_grid;
+  grid.round_timesteps = config.round_timesteps;
+  grid.drop_last_timestep = config.drop_last_timestep;
   grid.original_steps = config.original_steps;
   const Grid g = make_grid(config.steps, config.alphas_cumprod, grid);
   if (config.final_alpha_cumprod) {
@@ -606,6 +607,16 @@ Plan make_plan(const SamplerConfig& config) {
   }
 
   Plan plan = build(name, steps, eta, config.solver_type);
+  if (info->k_diffusion && !plan.stages.empty() && steps.alpha_after < 1) {
+    // k-diffusion's result is x_ve itself: landing on sigma > 0 (diffusers' final_sigmas_type "sigma_min"), the last
+    // update is not divided by its scale, so the decoder gets the sample diffusers decodes.
+    Stage& last = plan.stages.back();
+    const double scale = ve_scale(sigma_of_alpha(steps.alpha_after));
+    last.c_latent *= scale;
+    last.c_eps *= scale;
+    last.c_noise *= scale;
+    for (double& c : last.c_history) c *= scale;
+  }
   plan.sampler = name;
   plan.num_steps = static_cast<int>(steps.size());
 

@@ -149,32 +149,32 @@ Grid make_grid(int steps, const std::vector<double>& alphas_cumprod, const GridO
   if (o.interpolation != "log" && o.interpolation != "linear")
     throw std::invalid_argument("unknown sigma interpolation '" + o.interpolation + "' (expected log or linear)");
   std::string spacing = o.spacing, respace = o.respace;
-  if (spacing == "karras" || spacing == "exponential") {  // over the whole schedule, as k-diffusion
+  const bool whole_schedule = spacing == "karras" || spacing == "exponential";  // k-diffusion's range
+  if (whole_schedule) {
     respace = spacing;
     spacing = "kdiffusion";
   }
+  const int n = steps + (o.drop_last_timestep ? 1 : 0);
   Grid g;
   if (spacing == "uniform" || spacing == "leading" || spacing == "trailing" || spacing == "linspace") {
-    const bool extra = o.multistep && (spacing == "leading" || spacing == "linspace");
-    std::vector<double> ascending = discrete_timesteps(spacing, steps + extra, T, o.steps_offset);
-    if (extra) ascending.erase(ascending.begin());
+    const std::vector<double> ascending = discrete_timesteps(spacing, n, T, o.steps_offset);
     g.t.assign(ascending.rbegin(), ascending.rend());
   } else if (spacing == "kdiffusion") {
-    g.t = linspace(T - 1, 0, steps);
+    g.t = linspace(T - 1, 0, n);
   } else if (spacing == "sgm_uniform") {
-    g.t = linspace(T - 1, 0, steps + 1);
+    g.t = linspace(T - 1, 0, n + 1);
     g.t.pop_back();
   } else if (spacing == "simple") {
-    const double stride = static_cast<double>(T) / steps;
-    for (int i = 0; i < steps; ++i) g.t.push_back(T - 1 - static_cast<int>(i * stride));
+    const double stride = static_cast<double>(T) / n;
+    for (int i = 0; i < n; ++i) g.t.push_back(T - 1 - static_cast<int>(i * stride));
   } else if (spacing == "lcm") {
-    if (o.original_steps < 1 || o.original_steps > T || steps > o.original_steps)
+    if (o.original_steps < 1 || o.original_steps > T || n > o.original_steps)
       throw std::invalid_argument("the 'lcm' grid needs 1 <= steps <= original_steps <= " + std::to_string(T) +
-                                  ", got steps " + std::to_string(steps) + ", original_steps " +
+                                  ", got steps " + std::to_string(n) + ", original_steps " +
                                   std::to_string(o.original_steps));
     const int k = T / o.original_steps;
-    for (int i = 0; i < steps; ++i) {  // index floor(i * n / steps) into the descending distillation grid
-      const int index = static_cast<int>(std::floor(static_cast<double>(i) * o.original_steps / steps));
+    for (int i = 0; i < n; ++i) {  // index floor(i * N / n) into the descending distillation grid
+      const int index = static_cast<int>(std::floor(static_cast<double>(i) * o.original_steps / n));
       g.t.push_back((o.original_steps - index) * k - 1.0);
     }
   } else {
@@ -188,14 +188,16 @@ Grid make_grid(int steps, const std::vector<double>& alphas_cumprod, const GridO
                                   std::to_string(T - 1) + "] (check steps_offset)");
   for (double t : g.t) g.sigma.push_back(sigma_at(alphas_cumprod, t, o.interpolation));
   if (!respace.empty()) {
-    // The re-spaced range: the whole schedule for the k-diffusion grids, else the spaced grid's own (diffusers).
-    const bool whole = o.spacing == "karras" || o.spacing == "exponential" || o.multistep;
-    const double sigma_max = whole ? sigma_of_alpha(alphas_cumprod.back()) : g.sigma.front();
-    const double sigma_min = whole ? sigma_of_alpha(alphas_cumprod.front()) : g.sigma.back();
-    g.sigma = respaced_sigmas(respace, steps, sigma_max, sigma_min);
+    g.sigma = respaced_sigmas(respace, n, g.sigma.front(), g.sigma.back());
     g.t.clear();
-    for (double s : g.sigma) g.t.push_back(o.multistep ? std::nearbyint(timestep_of_sigma(alphas_cumprod, s))
-                                                       : timestep_of_sigma(alphas_cumprod, s));
+    for (double s : g.sigma) {
+      const double t = timestep_of_sigma(alphas_cumprod, s);
+      g.t.push_back(o.round_timesteps ? std::nearbyint(t) : t);
+    }
+  }
+  if (o.drop_last_timestep) {
+    g.t.pop_back();
+    g.sigma.pop_back();
   }
   return g;
 }

@@ -25,7 +25,7 @@ SPACINGS = ("uniform", "leading", "trailing", "linspace", "kdiffusion", "karras"
 # Grid and convention options of make_plan beyond the spacing, with their defaults (csrc/include/ldmrt/samplers.h):
 # what a diffusers scheduler_config.json becomes (ldmrt.schedulers).
 PLAN_OPTIONS = {"steps_offset": 0, "final_alpha_cumprod": None, "sigma_interpolation": "log", "respace": "",
-                "multistep_grid": False, "original_steps": 50, "start_noise": "default", "lower_order_final": False,
+                "round_timesteps": False, "drop_last_timestep": False, "original_steps": 50, "start_noise": "default", "lower_order_final": False,
                 "euler_at_final": False, "solver_type": ""}
 
 make_alphas_cumprod = _C.make_alphas_cumprod
@@ -38,7 +38,8 @@ def make_plan(*, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uni
     arguments (steps < 1 or > T, eta < 0, unknown sampler or spacing, strength outside [0, 1]).
 
     options: PLAN_OPTIONS (diffusers' conventions: steps_offset, final_alpha_cumprod, sigma_interpolation "log" or
-    "linear", respace "karras"/"exponential" over the spaced range, multistep_grid, original_steps (lcm),
+    "linear", respace "karras"/"exponential" over the spaced range, round_timesteps, drop_last_timestep,
+    original_steps (lcm),
     start_noise "default"/"sigma"/"unit", lower_order_final, euler_at_final, solver_type "midpoint"/"heun" of the
     DPM++ multistep samplers).
     cache_interval: DeepCache, the full UNet every N-th step and its shallow branch between (stage["shallow"]);
@@ -54,7 +55,8 @@ def make_plan(*, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uni
     return _C.make_plan(sampler, int(steps), _as_float64(alphas_cumprod), None if eta is None else float(eta),
                         timestep_spacing, int(o["steps_offset"]), None if final is None else float(final),
                         float(strength), int(cache_interval), (lo, hi), str(cache_schedule),
-                        str(o["sigma_interpolation"]), str(o["respace"]), bool(o["multistep_grid"]),
+                        str(o["sigma_interpolation"]), str(o["respace"]), bool(o["round_timesteps"]),
+                        bool(o["drop_last_timestep"]),
                         int(o["original_steps"]), str(o["start_noise"]), bool(o["lower_order_final"]),
                         bool(o["euler_at_final"]), str(o["solver_type"]))
 

@@ -180,6 +180,7 @@ def test_strength_zero_returns_x0(data):
     (dict(sampler="euler", start_noise="half"), "start_noise must be"),
     (dict(sigma_interpolation="cubic", timestep_spacing="kdiffusion", sampler="euler"), "unknown sigma interpolation"),
     (dict(respace="beta", sampler="euler"), "unknown sigma re-spacing"),
+    (dict(plan_grid="x"), "unknown plan option"),
     (dict(timestep_spacing="lcm", steps=60), "original_steps"),
     (dict(cfg_rescale=0.7), "unknown plan option"),
     (dict(timestep_spacing="quad"), "unknown timestep spacing"),
@@ -436,3 +437,23 @@ def test_noise_intervals_feed_a_noise_sampler(data, name):
     expected = ref.sample_reference(gaussian_eps(data["mean"], 0.7), data["x_T"], noise_sampler=recording, **kw)
     assert np.allclose(plan.noise_intervals(), np.array(calls, dtype=np.float64), rtol=1e-12, atol=0)
     assert rel_l2(out, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("options", [
+    dict(timestep_spacing="kdiffusion", sigma_interpolation="linear"),
+    dict(timestep_spacing="leading", steps_offset=1, respace="karras"),
+    dict(timestep_spacing="trailing", respace="exponential"),
+    dict(timestep_spacing="karras", round_timesteps=True),
+    dict(timestep_spacing="linspace", drop_last_timestep=True, start_noise="unit"),
+    dict(timestep_spacing="karras", drop_last_timestep=True),
+    dict(timestep_spacing="trailing", final_alpha_cumprod=float(AC[0]), lower_order_final=True),
+    dict(timestep_spacing="sgm_uniform", euler_at_final=True, solver_type="heun"),
+])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"])
+def test_plan_options_match_reference(data, sampler, options):
+    """Every grid and convention option (diffusers' and AUTOMATIC1111's) against the reference's own grid code."""
+    if "solver_type" in options and not sampler.startswith("dpmpp"):
+        options = {k: v for k, v in options.items() if k != "solver_type"}
+    kw = dict(sampler=sampler, steps=11, alphas_cumprod=AC, **options)
+    out, expected = both(gaussian_eps(data["mean"], 0.7), data["x_T"], "float64", **kw)
+    assert rel_l2(out, expected) <= 1e-9

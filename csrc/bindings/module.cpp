@@ -171,7 +171,8 @@ PYBIND11_MODULE(_C, m) {
                         std::optional<double> eta, const std::string& spacing, int steps_offset,
                         std::optional<double> final_alpha_cumprod, double strength, int cache_interval,
                         std::pair<double, double> guidance_interval, const std::string& cache_schedule,
-                        const std::string& sigma_interpolation, const std::string& respace, bool multistep_grid,
+                        const std::string& sigma_interpolation, const std::string& respace, bool round_timesteps,
+                        bool drop_last_timestep,
                         int original_steps, const std::string& start_noise, bool lower_order_final,
                         bool euler_at_final, const std::string& solver_type) {
     SamplerConfig c;
@@ -187,7 +188,8 @@ PYBIND11_MODULE(_C, m) {
     c.steps_offset = steps_offset;
     c.sigma_interpolation = sigma_interpolation;
     c.respace = respace;
-    c.multistep_grid = multistep_grid;
+    c.round_timesteps = round_timesteps;
+    c.drop_last_timestep = drop_last_timestep;
     c.original_steps = original_steps;
     c.final_alpha_cumprod = final_alpha_cumprod;
     c.start_noise = start_noise;
@@ -200,7 +202,8 @@ PYBIND11_MODULE(_C, m) {
      py::arg("timestep_spacing") = "uniform", py::arg("steps_offset") = 0, py::arg("final_alpha_cumprod") = py::none(),
      py::arg("strength") = 1.0, py::arg("cache_interval") = 1,
      py::arg("guidance_interval") = std::pair<double, double>(0.0, 1.0), py::arg("cache_schedule") = "uniform",
-     py::arg("sigma_interpolation") = "log", py::arg("respace") = "", py::arg("multistep_grid") = false,
+     py::arg("sigma_interpolation") = "log", py::arg("respace") = "", py::arg("round_timesteps") = false,
+     py::arg("drop_last_timestep") = false,
      py::arg("original_steps") = 50, py::arg("start_noise") = "default", py::arg("lower_order_final") = false,
      py::arg("euler_at_final") = false, py::arg("solver_type") = "");
   m.def("sampler_names", &sampler_names);

@@ -75,16 +75,13 @@ def alpha_at(alphas_cumprod, t):
 
 
 def make_grid(spacing, steps, alphas_cumprod, steps_offset=0, sigma_interpolation="log", respace="",
-              multistep_grid=False, original_steps=50):
+              round_timesteps=False, drop_last_timestep=False, original_steps=50):
     """(timesteps, sigmas), descending, as each source computes them."""
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     T = len(ac)
-    all_sigmas = np.sqrt((1 - ac) / ac)
-    if spacing in ("karras", "exponential"):
-        spacing, respace, whole = "kdiffusion", spacing, True
-    else:
-        whole = multistep_grid
-    n = steps + 1 if multistep_grid and spacing in ("leading", "linspace") else steps
+    if spacing in ("karras", "exponential"):  # k-diffusion: over the whole schedule
+        spacing, respace = "kdiffusion", spacing
+    n = steps + 1 if drop_last_timestep else steps
     if spacing == "uniform":
         t = (np.asarray(list(range(0, T, T // n))) + 1)[::-1]
     elif spacing == "leading":
@@ -105,19 +102,19 @@ def make_grid(spacing, steps, alphas_cumprod, steps_offset=0, sigma_interpolatio
     else:
         raise ValueError(f"unknown spacing {spacing!r}")
     t = np.asarray(t, dtype=np.float64)
-    if n != steps:
-        t = t[:-1]
     sigmas = np.array([sigma_at(ac, x, sigma_interpolation) for x in t])
     if respace:
-        hi, lo = (all_sigmas[-1], all_sigmas[0]) if whole else (sigmas[0], sigmas[-1])
+        hi, lo = sigmas[0], sigmas[-1]
         if respace == "karras":  # get_sigmas_karras
-            rho, ramp = 7.0, np.linspace(0, 1, steps)
+            rho, ramp = 7.0, np.linspace(0, 1, n)
             sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
         else:  # get_sigmas_exponential
-            sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), steps))
+            sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
         t = np.array([sigma_to_t(ac, x) for x in sigmas])
-        if multistep_grid:
+        if round_timesteps:
             t = t.round()
+    if drop_last_timestep:
+        t, sigmas = t[:-1], sigmas[:-1]
     return t, sigmas
 
 

@@ -15,12 +15,12 @@ struct SamplerConfig {
   // DDIM's eta, or the noise eta of the ancestral and SDE samplers; unset: 0 for ddim, 1 for the others.
   // Other samplers accept only 0 (or unset).
   std::optional<double> eta;
-  // The grid (schedule.h: make_grid): spacing, steps_offset, sigma interpolation, re-spacing, multistep form.
+  // The grid (schedule.h: GridOptions): spacing, steps_offset, sigma interpolation, re-spacing, rounding.
   std::string timestep_spacing = "uniform";
   int steps_offset = 0;
   std::string sigma_interpolation = "log";
   std::string respace;
-  bool multistep_grid = false;
+  bool round_timesteps = false, drop_last_timestep = false;
   int original_steps = 50;
   // alphas_cumprod after the last step; unset: alphas_cumprod[0] for the CompVis-style samplers (CompVis, and
   // diffusers with set_alpha_to_one=False, the Stable Diffusion config; 1.0 is set_alpha_to_one=True), 1.0

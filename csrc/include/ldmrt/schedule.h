@@ -41,11 +41,14 @@ struct GridOptions {
   // Euler/Heun/LMS/KDPM2 schedulers: np.interp of sigma).
   std::string interpolation = "log";
   // "karras" or "exponential": re-space the sigmas over the spaced grid's own range (diffusers' use_karras_sigmas /
-  // use_exponential_sigmas), timesteps from sigma_to_t; "": the spacing's sigmas.
+  // use_exponential_sigmas with "leading" or "trailing"), timesteps from sigma_to_t; "": the spacing's sigmas.
   std::string respace;
-  // diffusers' multistep schedulers (DPMSolverMultistep, UniPC): "linspace" and "leading" space steps + 1
-  // timesteps and drop the smallest, and re-spaced timesteps are rounded to integers (the sigmas are not).
-  bool multistep = false;
+  // Model timesteps of re-spaced sigmas rounded to integers, the sigmas kept (diffusers' multistep schedulers and
+  // KDPM2 with Karras sigmas).
+  bool round_timesteps = false;
+  // The grid of steps + 1 points without its last (diffusers' multistep schedulers with "linspace"/"leading";
+  // AUTOMATIC1111's discard_next_to_last_sigma for DPM2).
+  bool drop_last_timestep = false;
   int original_steps = 50;  // "lcm": the distillation grid's size
 };
 struct Grid {
