@@ -19,11 +19,15 @@ namespace {
 // The visited grid: timesteps, their sigmas and alphas_cumprod; the last step lands on sigma_after / alpha_after.
 struct Steps {
   std::vector<double> t, sigma, alpha;
+  std::vector<double> alpha_prev;  // where each step lands, when not on the next grid point (diffusers' DDIM)
   double alpha_after = 1;
   const std::vector<double>* alphas_cumprod = nullptr;  // for the timesteps of sigmas between grid points
   bool lower_order_final = false, euler_at_final = false;  // diffusers' DPMSolverMultistep options
   std::size_t size() const { return t.size(); }
-  double alpha_next(std::size_t i) const { return i + 1 < size() ? alpha[i + 1] : alpha_after; }
+  double alpha_next(std::size_t i) const {
+    if (!alpha_prev.empty()) return alpha_prev[i];
+    return i + 1 < size() ? alpha[i + 1] : alpha_after;
+  }
   double sigma_next(std::size_t i) const { return i + 1 < size() ? sigma[i + 1] : sigma_of_alpha(alpha_after); }
   double timestep_of(double s) const { return timestep_of_sigma(*alphas_cumprod, s); }
   // The highest order a multistep sampler may use at step i, given `order` (k-diffusion: lower at the start and
@@ -445,6 +449,168 @@ Plan dpmpp_multistep(const Steps& steps, int order, double eta, bool heun_correc
   return plan;
 }
 
+// Solves the k x k system a z = b (k <= 3) by Gaussian elimination with partial pivoting.
+std::vector<double> solve(std::vector<std::vector<double>> a, std::vector<double> b) {
+  const std::size_t k = b.size();
+  for (std::size_t c = 0; c < k; ++c) {
+    std::size_t p = c;
+    for (std::size_t r = c + 1; r < k; ++r)
+      if (std::abs(a[r][c]) > std::abs(a[p][c])) p = r;
+    std::swap(a[c], a[p]);
+    std::swap(b[c], b[p]);
+    for (std::size_t r = c + 1; r < k; ++r) {
+      const double f = a[r][c] / a[c][c];
+      for (std::size_t j = c; j < k; ++j) a[r][j] -= f * a[c][j];
+      b[r] -= f * b[c];
+    }
+  }
+  std::vector<double> z(k);
+  for (std::size_t r = k; r-- > 0;) {
+    double v = b[r];
+    for (std::size_t j = r + 1; j < k; ++j) v -= a[r][j] * z[j];
+    z[r] = v / a[r][r];
+  }
+  return z;
+}
+
+// A UniPC update as coefficients: x_t = x * sample + sum_k m[k] * (model output of step k), where the model output
+// is the data prediction (ldmrt's denoised D).
+struct UniUpdate {
+  double sample = 0;
+  std::vector<std::pair<std::size_t, double>> m;
+};
+
+// diffusers UniPCMultistepScheduler (predict_x0, bh1/bh2): the predictor from step s0 to t with the model outputs of
+// steps s0, s0 - 1, ... (order of them), or the corrector (model_t: the output at t, order from s0 down).
+UniUpdate uni_update(const Steps& steps, std::size_t s0, double sigma_t, int order, bool bh2, bool corrector) {
+  auto lambda = [](double sigma) { return -std::log(sigma); };  // log(alpha / sigma_vp)
+  auto vp = [](double sigma) { return sigma / ve_scale(sigma); };
+  const double alpha_t = 1 / ve_scale(sigma_t), sigma_s0 = steps.sigma[s0];
+  const double h = lambda(sigma_t) - lambda(sigma_s0), hh = -h, h_phi_1 = std::expm1(hh);
+  const double b_h = bh2 ? std::expm1(hh) : hh;
+  std::vector<double> rks;
+  for (int k = 1; k < order; ++k) rks.push_back((lambda(steps.sigma[s0 - k]) - lambda(sigma_s0)) / h);
+  rks.push_back(1.0);
+  std::vector<std::vector<double>> r(static_cast<std::size_t>(order), std::vector<double>(rks.size()));
+  std::vector<double> b;
+  double h_phi_k = h_phi_1 / hh - 1, factorial = 1;
+  for (int i = 1; i <= order; ++i) {
+    for (std::size_t j = 0; j < rks.size(); ++j) r[i - 1][j] = std::pow(rks[j], i - 1);
+    b.push_back(h_phi_k * factorial / b_h);
+    factorial *= i + 1;
+    h_phi_k = h_phi_k / hh - 1 / factorial;
+  }
+  std::vector<double> rhos;
+  if (corrector) {
+    rhos = order == 1 ? std::vector<double>{0.5} : solve(r, b);
+  } else if (order == 2) {
+    rhos = {0.5};
+  } else if (order > 2) {
+    r.pop_back();
+    for (auto& row : r) row.pop_back();
+    b.pop_back();
+    rhos = solve(r, b);
+  }
+  // x_t = (sigma_vp_t / sigma_vp_s0) x - alpha_t h_phi_1 m0 - alpha_t B_h (sum_k rho_k (m_k - m0) / r_k [+ rho_t (m_t - m0)])
+  UniUpdate u;
+  u.sample = vp(sigma_t) / vp(sigma_s0);
+  double m0 = -alpha_t * h_phi_1;
+  for (int k = 1; k < order; ++k) {
+    const double c = -alpha_t * b_h * rhos[k - 1] / rks[k - 1];
+    u.m.emplace_back(s0 - k, c);
+    m0 -= c;
+  }
+  if (corrector) {
+    const double c = -alpha_t * b_h * rhos.back();
+    u.m.emplace_back(s0 + 1, c);
+    m0 -= c;
+  }
+  u.m.emplace_back(s0, m0);
+  return u;
+}
+
+Plan unipc(const Steps& steps, int order, bool bh2) {
+  // diffusers UniPCMultistepScheduler: at each step the corrector refines the sample with this step's model output,
+  // then the predictor steps on. The loop keeps only the predicted latent; the corrected sample of the step before
+  // is recovered from it (the predictor is linear: latent = a x_c + sum c_k m_k), so a stage reads the latent, eps
+  // and the model outputs of the three steps before (slot k % 4 holds step k's).
+  Plan plan;
+  plan.history_slots = 4;
+  const std::size_t n = steps.size();
+  UniUpdate previous;  // the last step's predictor
+  int previous_order = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double sigma = steps.sigma[i], sigma_next = steps.sigma_next(i);
+    const Terms m_i = ve_latent(sigma) - sigma * kEps;
+    auto output = [&](std::size_t k) { return k == i ? m_i : slot(static_cast<int>(k % 4)); };
+    auto apply = [&](const UniUpdate& u, const Terms& x) {
+      Terms out = u.sample * x;
+      for (const auto& [k, c] : u.m) out = out + c * output(k);
+      return out;
+    };
+    Terms x = kLatentTerm;
+    if (i > 0) {
+      Terms rest;
+      for (const auto& [k, c] : previous.m) rest = rest + c * output(k);
+      const Terms corrected_before = (1 / previous.sample) * (kLatentTerm - rest);
+      x = apply(uni_update(steps, i - 1, sigma, previous_order, bh2, true), corrected_before);
+    }
+    int cur = std::min({order, static_cast<int>(i) + 1, steps.lower_order_final ? static_cast<int>(n - i) : order});
+    if (sigma_next == 0) cur = 1;
+    Stage st = step_start(steps, i);
+    set_push(st, static_cast<int>(i % 4), m_i);
+    if (sigma_next == 0) {
+      set_update(st, m_i);
+    } else {
+      previous = uni_update(steps, i, sigma_next, cur, bh2, false);
+      set_update(st, apply(previous, x));
+    }
+    previous_order = cur;
+    plan.stages.push_back(st);
+  }
+  return plan;
+}
+
+Plan dpmpp_2s(const Steps& steps, bool heun) {
+  // diffusers DPMSolverSinglestepScheduler (dpmsolver++, order 2): steps grouped in pairs, the second of each pair a
+  // second-order step from the pair's start using the model output at the grid point between (no extra
+  // evaluation). Orders per step as its get_order_list; the pair's start sample is recovered from the latent (the
+  // first-order step is linear: latent = a x + c m), slot k % 2 holding step k's model output.
+  const std::size_t n = steps.size();
+  std::vector<int> orders;
+  for (std::size_t i = 0; i < n; ++i) orders.push_back(i % 2 == 0 ? 1 : 2);
+  if (steps.lower_order_final && n % 2 == 0 && n >= 2) orders[n - 2] = orders[n - 1] = 1;
+  if (steps.sigma_next(n - 1) == 0) orders[n - 1] = 1;  // final_sigmas_type "zero"
+  auto vp = [](double sigma) { return sigma / ve_scale(sigma); };
+  Plan plan;
+  plan.history_slots = 2;
+  double a_prev = 1, c_prev = 0;  // the last first-order step: latent = a_prev x + c_prev m
+  for (std::size_t i = 0; i < n; ++i) {
+    const double sigma = steps.sigma[i], sigma_next = steps.sigma_next(i), alpha_t = 1 / ve_scale(sigma_next);
+    const Terms m_i = ve_latent(sigma) - sigma * kEps;
+    Stage st = step_start(steps, i);
+    set_push(st, static_cast<int>(i % 2), m_i);
+    if (sigma_next == 0) {
+      set_update(st, m_i);
+    } else if (orders[i] == 1) {
+      const double h = std::log(sigma) - std::log(sigma_next);
+      a_prev = vp(sigma_next) / vp(sigma);
+      c_prev = -alpha_t * std::expm1(-h);
+      set_update(st, a_prev * kLatentTerm + c_prev * m_i);
+    } else {
+      const double sigma_s1 = steps.sigma[i - 1];
+      const double h = std::log(sigma_s1) - std::log(sigma_next), r0 = (std::log(sigma_s1) - std::log(sigma)) / h;
+      const Terms m_s1 = slot(static_cast<int>((i - 1) % 2));
+      const Terms x_s1 = (1 / a_prev) * (kLatentTerm - c_prev * m_s1);
+      const Terms d1 = (1 / r0) * (m_i - m_s1);
+      const double c_d1 = heun ? alpha_t * (std::expm1(-h) / h + 1) : -0.5 * alpha_t * std::expm1(-h);
+      set_update(st, (vp(sigma_next) / vp(sigma_s1)) * x_s1 - alpha_t * std::expm1(-h) * m_s1 + c_d1 * d1);
+    }
+    plan.stages.push_back(st);
+  }
+  return plan;
+}
+
 // Every sampler make_plan knows: k-diffusion's act on x_ve (start from sigma_max * x_T by default, land on sigma 0),
 // CompVis/diffusers' on the variance-preserving latent (start from x_T, land on alphas_cumprod[0] by default).
 struct SamplerInfo {
@@ -453,6 +619,11 @@ struct SamplerInfo {
   bool takes_eta;
   double default_eta;
 };
+// diffusers' samplers that start from x_T and land on sigma 0 by default, in the variance-preserving latent.
+bool lands_on_zero(const SamplerInfo& s) {
+  const std::string name = s.name;
+  return s.k_diffusion || name == "ddpm" || name == "unipc" || name == "dpmpp_2s";
+}
 const SamplerInfo kSamplers[] = {
     {"ddpm", false, false, 0},          {"ddim", false, true, 0},
     {"plms", false, false, 0},          {"lcm", false, false, 0},
@@ -461,7 +632,8 @@ const SamplerInfo kSamplers[] = {
     {"dpm_2_ancestral", true, true, 1}, {"lms", true, false, 0},
     {"dpmpp_2s_ancestral", true, true, 1}, {"dpmpp_sde", true, true, 1},
     {"dpmpp_2m", true, false, 0},       {"dpmpp_2m_sde", true, true, 1},
-    {"dpmpp_3m", true, false, 0},       {"dpmpp_3m_sde", true, true, 1},
+    {"dpmpp_3m", true, false, 0},       {"dpmpp_3m_sde", true, true, 1},    {"unipc", false, false, 0},
+    {"dpmpp_2s", false, false, 0},
 };
 
 const SamplerInfo* find_sampler(const std::string& name) {
@@ -470,7 +642,9 @@ const SamplerInfo* find_sampler(const std::string& name) {
   return nullptr;
 }
 
-Plan build(const std::string& name, const Steps& steps, double eta, const std::string& solver_type) {
+Plan build(const std::string& name, const Steps& steps, double eta, const std::string& solver_type, int order) {
+  if (name == "unipc") return unipc(steps, order == 0 ? 2 : order, solver_type != "bh1");
+  if (name == "dpmpp_2s") return dpmpp_2s(steps, solver_type == "heun");
   if (name == "ddpm") return ddpm(steps);
   if (name == "ddim") return ddim(steps, eta);
   if (name == "plms") return plms(steps);
@@ -566,10 +740,19 @@ Plan make_plan(const SamplerConfig& config) {
     throw std::invalid_argument("the guidance interval must satisfy 0 <= from <= until <= 1 (fractions of the "
                                 "steps), got (" + std::to_string(config.guidance_from) + ", " +
                                 std::to_string(config.guidance_until) + ")");
-  if (!config.solver_type.empty() && config.solver_type != "midpoint" && config.solver_type != "heun")
-    throw std::invalid_argument("solver_type must be 'midpoint' or 'heun', got '" + config.solver_type + "'");
-  if (!config.solver_type.empty() && name.rfind("dpmpp_", 0) != 0)
-    throw std::invalid_argument("solver_type applies only to the DPM++ multistep samplers, not '" + name + "'");
+  const bool dpmpp_multistep_sampler = name == "dpmpp_2m" || name == "dpmpp_2m_sde" || name == "dpmpp_3m" ||
+                                       name == "dpmpp_3m_sde" || name == "dpmpp_2s";
+  if (!config.solver_type.empty()) {
+    if (name == "unipc" && config.solver_type != "bh1" && config.solver_type != "bh2")
+      throw std::invalid_argument("unipc's solver_type must be 'bh1' or 'bh2', got '" + config.solver_type + "'");
+    if (dpmpp_multistep_sampler && config.solver_type != "midpoint" && config.solver_type != "heun")
+      throw std::invalid_argument("solver_type must be 'midpoint' or 'heun', got '" + config.solver_type + "'");
+    if (name != "unipc" && !dpmpp_multistep_sampler)
+      throw std::invalid_argument("solver_type applies only to the DPM++ multistep samplers and unipc, not '" + name + "'");
+  }
+  if (config.solver_order != 0 && (name != "unipc" || config.solver_order < 1 || config.solver_order > 3))
+    throw std::invalid_argument("solver_order (1, 2 or 3) applies only to unipc (the DPM++ samplers name theirs), got " +
+                                std::to_string(config.solver_order) + " for '" + name + "'");
   if (config.start_noise != "default" && config.start_noise != "sigma" && config.start_noise != "unit")
     throw std::invalid_argument("start_noise must be 'default', 'sigma' or 'unit', got '" + config.start_noise + "'");
 
@@ -589,9 +772,9 @@ Plan make_plan(const SamplerConfig& config) {
   }
   Steps steps;
   steps.alphas_cumprod = &config.alphas_cumprod;
-  steps.lower_order_final = config.lower_order_final;
+  steps.lower_order_final = config.lower_order_final.value_or(name == "unipc");  // diffusers' default for UniPC
   steps.euler_at_final = config.euler_at_final;
-  const double default_after = name == "ddpm" || info->k_diffusion ? 1.0 : config.alphas_cumprod.front();
+  const double default_after = lands_on_zero(*info) ? 1.0 : config.alphas_cumprod.front();
   steps.alpha_after = config.final_alpha_cumprod.value_or(default_after);
 
   // img2img (diffusers' rule, CompVis' t_enc): keep the last int(strength * n) steps.
@@ -606,7 +789,17 @@ Plan make_plan(const SamplerConfig& config) {
     steps.alpha.push_back(on_grid ? config.alphas_cumprod[static_cast<std::size_t>(t)] : alpha_of_sigma(sigma));
   }
 
-  Plan plan = build(name, steps, eta, config.solver_type);
+  if (config.prev_timestep_stride) {
+    // diffusers' DDIM/DDPM: each step lands on t - T // steps (alphas_cumprod there, or the final alpha below 0).
+    if (name != "ddim" && name != "ddpm")
+      throw std::invalid_argument("prev_timestep_stride applies only to ddim and ddpm (diffusers' rule)");
+    const int stride = static_cast<int>(config.alphas_cumprod.size()) / config.steps;
+    for (double t : steps.t) {
+      const int prev = static_cast<int>(t) - stride;
+      steps.alpha_prev.push_back(prev >= 0 ? config.alphas_cumprod[static_cast<std::size_t>(prev)] : steps.alpha_after);
+    }
+  }
+  Plan plan = build(name, steps, eta, config.solver_type, config.solver_order);
   if (info->k_diffusion && !plan.stages.empty() && steps.alpha_after < 1) {
     // k-diffusion's result is x_ve itself: landing on sigma > 0 (diffusers' final_sigmas_type "sigma_min"), the last
     // update is not divided by its scale, so the decoder gets the sample diffusers decodes.

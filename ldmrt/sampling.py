@@ -1,5 +1,5 @@
 """Sampling: CompVis' DDPM, DDIM and PLMS, k-diffusion's samplers (Euler, Euler a, Heun, DPM2, DPM2 a, LMS,
-DPM++ 2S a, DPM++ SDE, DPM++ 2M, 2M SDE, 3M SDE), diffusers' LCM, compiled to a plan and run by the C++ loop in
+DPM++ 2S a, DPM++ SDE, DPM++ 2M, 2M SDE, 3M SDE), diffusers' UniPC and LCM, compiled to a plan and run by the C++ loop in
 `ldmrt._C` (csrc/). The names users know from AUTOMATIC1111 and diffusers map onto these in ldmrt.schedulers.
 
 The model is any callable `eps = eps_fn(x, t)`: x has the latent's type (numpy array, or CPU torch tensor when
@@ -25,8 +25,9 @@ SPACINGS = ("uniform", "leading", "trailing", "linspace", "kdiffusion", "karras"
 # Grid and convention options of make_plan beyond the spacing, with their defaults (csrc/include/ldmrt/samplers.h):
 # what a diffusers scheduler_config.json becomes (ldmrt.schedulers).
 PLAN_OPTIONS = {"steps_offset": 0, "final_alpha_cumprod": None, "sigma_interpolation": "log", "respace": "",
-                "round_timesteps": False, "drop_last_timestep": False, "original_steps": 50, "start_noise": "default", "lower_order_final": False,
-                "euler_at_final": False, "solver_type": ""}
+                "round_timesteps": False, "drop_last_timestep": False, "original_steps": 50, "start_noise": "default", "lower_order_final": None,
+                "euler_at_final": False, "solver_type": "", "solver_order": 0,
+                "prev_timestep_stride": False}
 
 make_alphas_cumprod = _C.make_alphas_cumprod
 make_timesteps = _C.make_timesteps
@@ -41,7 +42,8 @@ def make_plan(*, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uni
     "linear", respace "karras"/"exponential" over the spaced range, round_timesteps, drop_last_timestep,
     original_steps (lcm),
     start_noise "default"/"sigma"/"unit", lower_order_final, euler_at_final, solver_type "midpoint"/"heun" of the
-    DPM++ multistep samplers).
+    DPM++ multistep samplers or "bh1"/"bh2" of unipc, solver_order of unipc, prev_timestep_stride of diffusers'
+    DDIM/DDPM).
     cache_interval: DeepCache, the full UNet every N-th step and its shallow branch between (stage["shallow"]);
     cache_schedule "quadratic" places as many full steps denser around 30% of the schedule (csrc/samplers.cpp).
     guidance_interval: (from, until) fractions of the steps where guidance applies (stage["guided"]); outside
@@ -57,8 +59,10 @@ def make_plan(*, sampler, steps, alphas_cumprod, eta=None, timestep_spacing="uni
                         float(strength), int(cache_interval), (lo, hi), str(cache_schedule),
                         str(o["sigma_interpolation"]), str(o["respace"]), bool(o["round_timesteps"]),
                         bool(o["drop_last_timestep"]),
-                        int(o["original_steps"]), str(o["start_noise"]), bool(o["lower_order_final"]),
-                        bool(o["euler_at_final"]), str(o["solver_type"]))
+                        int(o["original_steps"]), str(o["start_noise"]),
+                        None if o["lower_order_final"] is None else bool(o["lower_order_final"]),
+                        bool(o["euler_at_final"]), str(o["solver_type"]), int(o["solver_order"]),
+                        bool(o["prev_timestep_stride"]))
 
 
 def noise_from_sampler(plan, noise_sampler, *, with_mask=False):

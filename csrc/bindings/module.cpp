@@ -173,8 +173,9 @@ PYBIND11_MODULE(_C, m) {
                         std::pair<double, double> guidance_interval, const std::string& cache_schedule,
                         const std::string& sigma_interpolation, const std::string& respace, bool round_timesteps,
                         bool drop_last_timestep,
-                        int original_steps, const std::string& start_noise, bool lower_order_final,
-                        bool euler_at_final, const std::string& solver_type) {
+                        int original_steps, const std::string& start_noise, std::optional<bool> lower_order_final,
+                        bool euler_at_final, const std::string& solver_type, int solver_order,
+                        bool prev_timestep_stride) {
     SamplerConfig c;
     c.cache_interval = cache_interval;
     c.cache_schedule = cache_schedule;
@@ -196,6 +197,8 @@ PYBIND11_MODULE(_C, m) {
     c.lower_order_final = lower_order_final;
     c.euler_at_final = euler_at_final;
     c.solver_type = solver_type;
+    c.solver_order = solver_order;
+    c.prev_timestep_stride = prev_timestep_stride;
     c.strength = strength;
     return make_plan(c);
   }, py::arg("sampler"), py::arg("steps"), py::arg("alphas_cumprod"), py::arg("eta") = py::none(),
@@ -204,8 +207,9 @@ PYBIND11_MODULE(_C, m) {
      py::arg("guidance_interval") = std::pair<double, double>(0.0, 1.0), py::arg("cache_schedule") = "uniform",
      py::arg("sigma_interpolation") = "log", py::arg("respace") = "", py::arg("round_timesteps") = false,
      py::arg("drop_last_timestep") = false,
-     py::arg("original_steps") = 50, py::arg("start_noise") = "default", py::arg("lower_order_final") = false,
-     py::arg("euler_at_final") = false, py::arg("solver_type") = "");
+     py::arg("original_steps") = 50, py::arg("start_noise") = "default", py::arg("lower_order_final") = py::none(),
+     py::arg("euler_at_final") = false, py::arg("solver_type") = "", py::arg("solver_order") = 0,
+     py::arg("prev_timestep_stride") = false);
   m.def("sampler_names", &sampler_names);
 
   m.def("run_plan", &run<float>, py::arg("plan"), py::arg("latent").noconvert(), py::arg("model"),

@@ -29,12 +29,19 @@ struct SamplerConfig {
   // The initial latent from x_T: "default" (sigma_max * x_T in x_ve for the k-diffusion samplers, x_T for the
   // others), "sigma" or "unit" (x_T: diffusers' init_noise_sigma sqrt(sigma_max^2 + 1) or 1).
   std::string start_noise = "default";
-  // diffusers DPMSolverMultistep: under 15 steps the last step is first order and the one before at most second;
-  // euler_at_final: the last step first order always.
-  bool lower_order_final = false, euler_at_final = false;
+  // diffusers' lower_order_final: DPMSolverMultistep under 15 steps and UniPC always lower their order over the
+  // last steps; unset: on for unipc (diffusers' default), off for the rest (k-diffusion). euler_at_final: the
+  // DPM++ multistep samplers' last step first order always.
+  std::optional<bool> lower_order_final;
+  bool euler_at_final = false;
   // The DPM++ multistep samplers' second-order correction: "midpoint" or "heun" (k-diffusion's solver_type,
-  // diffusers' too); "": midpoint for 2M, heun for 3M (k-diffusion's 3M warm-up step).
+  // diffusers' too); "": midpoint for 2M, heun for 3M (k-diffusion's 3M warm-up step). unipc: "bh1" or "bh2"
+  // (default). solver_order: unipc's order (1-3; 0: 2, diffusers' default).
   std::string solver_type;
+  int solver_order = 0;
+  // diffusers' DDIM and DDPM step from t to t - T // steps, not to the next grid point: the same for "leading",
+  // not for "linspace" or "trailing" when steps does not divide T.
+  bool prev_timestep_stride = false;
   // img2img: run only the last int(strength * steps) steps, starting from x0 noised to the first of them.
   double strength = 1;
   // DeepCache: the full UNet on every cache_interval-th step (and where guidance switches on or off), its
