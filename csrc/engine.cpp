@@ -58,11 +58,43 @@ std::string major_minor(const std::string& version) {
   return version.substr(0, first == std::string::npos ? first : version.find('.', first + 1));
 }
 
+// manifest "default_sampler" (ldmrt/schedulers.py: a diffusers folder's scheduler as make_plan options), or
+// CompVis' DDIM when there is none.
+SamplerConfig sampler_defaults(const json::Value* d, const std::vector<double>& alphas_cumprod) {
+  SamplerConfig c;
+  if (!d || d->is_null()) return c;
+  for (const std::string& key : d->keys()) {
+    const json::Value& v = d->at(key);
+    if (key == "sampler") c.sampler = v.as_string();
+    else if (key == "timestep_spacing") c.timestep_spacing = v.as_string();
+    else if (key == "sigma_interpolation") c.sigma_interpolation = v.as_string();
+    else if (key == "respace") c.respace = v.as_string();
+    else if (key == "start_noise") c.start_noise = v.as_string();
+    else if (key == "solver_type") c.solver_type = v.as_string();
+    else if (key == "steps_offset") c.steps_offset = static_cast<int>(v.as_int());
+    else if (key == "original_steps") c.original_steps = static_cast<int>(v.as_int());
+    else if (key == "solver_order") c.solver_order = static_cast<int>(v.as_int());
+    else if (key == "round_timesteps") c.round_timesteps = v.as_bool();
+    else if (key == "drop_last_timestep") c.drop_last_timestep = v.as_bool();
+    else if (key == "euler_at_final") c.euler_at_final = v.as_bool();
+    else if (key == "prev_timestep_stride") c.prev_timestep_stride = v.as_bool();
+    else if (key == "lower_order_final") { if (!v.is_null()) c.lower_order_final = v.as_bool(); }
+    else if (key == "final_alpha_cumprod") {
+      // a number, or "alphas_cumprod[0]" (diffusers' final_sigmas_type "sigma_min")
+      if (v.is_string() && v.as_string() == "alphas_cumprod[0]") c.final_alpha_cumprod = alphas_cumprod.front();
+      else if (!v.is_null()) c.final_alpha_cumprod = v.as_number();
+    } else if (key == "eta") { if (!v.is_null()) c.eta = v.as_number(); }
+    else throw std::runtime_error("default_sampler." + key + " is not a sampler setting this host knows");
+  }
+  return c;
+}
+
 }  // namespace
 
 struct Engine::Impl {
   std::string path;
   ModelSummary summary;
+  SamplerConfig default_sampler;  // what a request without a sampler runs
   std::map<std::string, Graph> graphs;
   std::unique_ptr<Tokenizer> tokenizer;
   std::int64_t token_length = 0;  // the text encoder's sequence length, when the manifest records it
@@ -117,6 +149,7 @@ void Engine::Impl::load(const std::string& folder) {
     if (const json::Value* n = s.find("num_classes")) summary.num_classes = n->as_int();
     if (const json::Value* u = s.find("uncond_class"); u && !u->is_null()) summary.uncond_class = u->as_int();
     summary.unconditional_input = s.at("unconditional_input").as_bool();
+    default_sampler = sampler_defaults(m.find("default_sampler"), summary.alphas_cumprod);
     const json::Value& g = m.at("graphs");
     for (std::size_t i = 0; i < g.size(); ++i) {
       Graph graph;
@@ -240,12 +273,14 @@ Latent Engine::generate_latent(const GenerateOptions& o) {
   if (context.defined()) context = context.contiguous();
   const double scale = o.guidance_scale.value_or(kDefaultGuidance);
 
-  SamplerConfig config;
-  config.sampler = o.sampler;
+  // As Python's ldmrt.schedulers.choose (without its AUTOMATIC1111 aliases): no sampler named, the engine's default
+  // with its options; a named one on CompVis' grid unless a spacing is given.
+  SamplerConfig config = o.sampler.empty() ? impl_->default_sampler : SamplerConfig{};
+  if (!o.sampler.empty()) config.sampler = o.sampler;
+  if (!o.timestep_spacing.empty()) config.timestep_spacing = o.timestep_spacing;
   config.steps = o.steps;
   config.alphas_cumprod = s.alphas_cumprod;
-  config.eta = o.eta;
-  config.timestep_spacing = o.timestep_spacing;
+  if (o.eta) config.eta = o.eta;
   config.cache_interval = o.cache_interval;
   config.cache_schedule = o.cache_schedule;
   config.guidance_from = o.guidance_from;

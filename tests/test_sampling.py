@@ -21,12 +21,7 @@ CASES = [(s, sp) for s in REFERENCED for sp in sampling.SPACINGS]
 
 
 def gaussian_eps(mean, std):
-    """The exact eps-prediction for data x0 ~ N(mean, std^2): nonlinear in t, so every sampler's steps matter."""
-    def eps(x, t):
-        a = ref.alpha_at(AC, t)
-        x0_hat = mean + np.sqrt(a) * std ** 2 / (a * std ** 2 + 1 - a) * (x - np.sqrt(a) * mean)
-        return (x - np.sqrt(a) * x0_hat) / np.sqrt(1 - a)
-    return eps
+    return ref.gaussian_eps(AC, mean, std)
 
 
 def guided_gaussian_eps(mean_u, mean_c, std):
@@ -355,27 +350,13 @@ K_DIFFUSION = {"euler": "sample_euler", "euler_ancestral": "sample_euler_ancestr
 
 
 def k_diffusion_sampling(mp):
-    import importlib.util
     import os
-    import sys
-    import types
     src = os.environ.get("LDMRT_KDIFFUSION_SRC")
     if not src:
         pytest.skip("set LDMRT_KDIFFUSION_SRC to a k-diffusion checkout to run parity tests")
     for needed in ("scipy", "torchsde", "torchdiffeq", "tqdm"):
         pytest.importorskip(needed)
-    # sampling.py needs only utils.append_dims of its package; the package's __init__ imports training code.
-    package = types.ModuleType("k_diffusion")
-    package.__path__ = [f"{src}/k_diffusion"]
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    package.utils = utils
-    mp.setitem(sys.modules, "k_diffusion", package)
-    mp.setitem(sys.modules, "k_diffusion.utils", utils)
-    spec = importlib.util.spec_from_file_location("k_diffusion.sampling", f"{src}/k_diffusion/sampling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return ref.load_k_diffusion(src)
 
 
 @pytest.fixture

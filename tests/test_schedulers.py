@@ -22,12 +22,8 @@ AC = sampling.make_alphas_cumprod("linear", T, 0.00085, 0.012)
 SHAPE = (2, 4, 8, 8)
 
 
-def toy_eps(mean, std=0.7):
-    def eps(x, t):
-        a = ref.alpha_at(AC, t)
-        x0_hat = mean + np.sqrt(a) * std ** 2 / (a * std ** 2 + 1 - a) * (x - np.sqrt(a) * mean)
-        return (x - np.sqrt(a) * x0_hat) / np.sqrt(1 - a)
-    return eps
+def toy_eps(mean):
+    return ref.gaussian_eps(AC, mean)
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +33,7 @@ def data():
 
 
 def diffusers_loop(scheduler, eps, x_T, steps, seed, eta=None):
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.from_numpy(x_T) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        e = torch.from_numpy(eps(scheduler.scale_model_input(x, t).numpy(), float(t)))
-        kw = {"eta": eta} if eta is not None else {}
-        if "generator" in scheduler.step.__code__.co_varnames:
-            kw["generator"] = g
-        x = scheduler.step(e, t, x, **kw).prev_sample
-    return x.numpy()
+    return ref.diffusers_reference(scheduler, eps, x_T, steps, seed, eta)
 
 
 def ldmrt_loop(scheduler, eps, x_T, steps, seed, eta=None):

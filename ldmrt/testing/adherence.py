@@ -263,12 +263,13 @@ def summarize(scores: list[dict[str, bool]]) -> dict[str, float]:
 
 
 def eager_generate(model, prompts: list[str], *, sampler: str = "ddim", steps: int = 20,
-                   guidance_scale: float | None = 5.0, seed: int = 0, batch_size: int = 32):
+                   guidance_scale: float | None = 5.0, seed: int = 0, batch_size: int = 32, **plan):
     """Images for `prompts` from a text-conditioned shapes LatentDiffusion, run eagerly in its own dtype.
 
     Prompt i starts from `ldmrt.sampling.randn(seed + i, (1, C, h, w))`, as `Engine.generate(prompt,
     seed=seed + i)` does, and is sampled by the C++ loop with classifier-free guidance against the empty
     prompt (stochastic samplers draw their noise per batch, so only deterministic ones match the engine).
+    plan: the sampler's grid and options (ldmrt.sampling.make_plan), e.g. timestep_spacing.
     Returns (latents, images): float32 CPU tensors, images (n, 3, H, W) in about [-1, 1]."""
     import torch
 
@@ -293,7 +294,7 @@ def eager_generate(model, prompts: list[str], *, sampler: str = "ddim", steps: i
 
             z = sampling.sample(eps_fn, x_T[i:i + len(chunk)], sampler=sampler, steps=steps,
                                 alphas_cumprod=model.schedule_alphas_cumprod, guidance_scale=guidance_scale,
-                                seed=seed)
+                                seed=seed, **plan)
             latents.append(z)
             images.append(model.decode_first_stage(z.to(dtype)).float())
     return torch.cat(latents), torch.cat(images)

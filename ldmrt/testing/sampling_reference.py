@@ -499,3 +499,57 @@ _K_SAMPLERS = {
                                                                                  0.0, opts),
     "dpmpp_3m_sde": _dpmpp_3m_sde,
 }
+
+
+def gaussian_eps(alphas_cumprod, mean, std=0.7):
+    """The exact eps-prediction for data x0 ~ N(mean, std^2) under the schedule: nonlinear in t, so every
+    sampler's steps matter. eps(x, t) for numpy x; t may be fractional (log-sigma interpolation)."""
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+
+    def eps(x, t):
+        a = alpha_at(ac, t)
+        x0_hat = mean + np.sqrt(a) * std ** 2 / (a * std ** 2 + 1 - a) * (x - np.sqrt(a) * mean)
+        return (x - np.sqrt(a) * x0_hat) / np.sqrt(1 - a)
+    return eps
+
+
+def load_k_diffusion(src):
+    """k-diffusion's own k_diffusion/sampling.py from a checkout at `src` (needs scipy, torchsde, torchdiffeq):
+    the module alone, as its package's __init__ imports training code; utils.append_dims is all it uses."""
+    import importlib.util
+    import sys
+    import types
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [f"{src}/k_diffusion"]
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    package.utils = utils
+    saved = {name: sys.modules.get(name) for name in ("k_diffusion", "k_diffusion.utils")}
+    sys.modules.update({"k_diffusion": package, "k_diffusion.utils": utils})
+    try:
+        spec = importlib.util.spec_from_file_location("k_diffusion.sampling", f"{src}/k_diffusion/sampling.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+    return module
+
+
+def diffusers_reference(scheduler, eps_fn, x_T, steps, seed, eta=None):
+    """A diffusers scheduler driven as its pipelines drive it (init_noise_sigma, scale_model_input, step with a
+    torch.Generator seeded `seed`) over eps_fn, from x_T (float64 numpy); returns the final latent."""
+    import torch
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.asarray(x_T, dtype=np.float64)) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        e = torch.from_numpy(eps_fn(scheduler.scale_model_input(x, t).numpy(), float(t)))
+        kw = {"eta": eta} if eta is not None else {}
+        if "generator" in scheduler.step.__code__.co_varnames:
+            kw["generator"] = g
+        x = scheduler.step(e, t, x, **kw).prev_sample
+    return x.numpy()

@@ -41,9 +41,10 @@ struct GenerateOptions {
   std::uint64_t seed = 0;        // x_T is Philox stream 0 of the seed, the samplers' noise streams 1, 2, ...
   std::optional<double> guidance_scale{};  // unset: 5 where the model has an unconditional input, else none
   std::string negative_prompt{};  // the unconditional text of classifier-free guidance
-  std::string sampler = "ddim";  // ddpm, ddim, plms, dpmpp_2m, euler, euler_ancestral
+  // Empty: the engine's default (a diffusers folder's scheduler, else ddim); else one of sampler_names().
+  std::string sampler{};
   std::optional<double> eta{};
-  std::string timestep_spacing = "uniform";
+  std::string timestep_spacing{};  // empty: the default sampler's grid, or CompVis' "uniform" for a named one
   int height = 0, width = 0;     // 0: the model's default size; else multiples of summary().size_multiple
   int batch_size = 1;
   std::optional<std::int64_t> class_label{};  // class-conditional models
