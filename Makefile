@@ -23,7 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ldmrt demo -o out.png
 
+# k-diffusion itself is a reference of the sampler tests, which read its sampling.py; its declared dependencies
+# are training tools (wandb, clean-fid, ...), hence --no-deps (what sampling.py imports is in the test extra).
 test: $(STAMP)
+	$(PY) -m pip install -q --no-deps 'k-diffusion==0.1.1.post1'
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -3,15 +3,14 @@ table of the README.
 
 For each ldmrt sampler: relative L2 of the C++ plan's latent against (1) ldmrt's float64 transcription of the
 source loop (ldmrt.testing.sampling_reference), with float64 and float32 latents, (2) k-diffusion's own
-sample_* function (with LDMRT_KDIFFUSION_SRC, a k-diffusion checkout; scipy, torchsde and torchdiffeq installed),
+sample_* function (the installed k-diffusion package, or LDMRT_KDIFFUSION_SRC, a checkout),
 (3) the diffusers scheduler of the same method, driven as its pipelines drive it (diffusers installed), each from
 the same x_T and the same noise draws.
 
-    LDMRT_KDIFFUSION_SRC=~/k-diffusion .venv/bin/python -m benchmarks.sampler_parity [--steps 20]
+    .venv/bin/python -m benchmarks.sampler_parity [--steps 20]
 """
 import argparse
 import inspect
-import os
 
 import numpy as np
 import torch
@@ -106,7 +105,7 @@ def main():
     ac = sampling.make_alphas_cumprod("linear", T, 0.00085, 0.012)
     x_T = sampling.randn(3, SHAPE, dtype="float64")
     eps = ref.gaussian_eps(ac, np.random.default_rng(0).standard_normal(SHAPE) * 0.5)
-    src = os.environ.get("LDMRT_KDIFFUSION_SRC")
+    src = ref.k_diffusion_source()
     k = ref.load_k_diffusion(src) if src else None
     try:
         import diffusers

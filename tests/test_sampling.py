@@ -340,7 +340,7 @@ def test_quadratic_cache_schedule():
         sampling.make_plan(sampler="ddim", steps=4, alphas_cumprod=AC, cache_interval=2, cache_schedule="cubic")
 
 
-# --- k-diffusion itself (LDMRT_KDIFFUSION_SRC: a crowsonkb/k-diffusion checkout; needs scipy, torchsde, torchdiffeq) ---
+# --- k-diffusion itself (installed by `make test`, or LDMRT_KDIFFUSION_SRC: a checkout; scipy, torchsde, torchdiffeq) ---
 
 K_DIFFUSION = {"euler": "sample_euler", "euler_ancestral": "sample_euler_ancestral", "heun": "sample_heun",
                "dpm_2": "sample_dpm_2", "dpm_2_ancestral": "sample_dpm_2_ancestral", "lms": "sample_lms",
@@ -350,10 +350,9 @@ K_DIFFUSION = {"euler": "sample_euler", "euler_ancestral": "sample_euler_ancestr
 
 
 def k_diffusion_sampling(mp):
-    import os
-    src = os.environ.get("LDMRT_KDIFFUSION_SRC")
-    if not src:
-        pytest.skip("set LDMRT_KDIFFUSION_SRC to a k-diffusion checkout to run parity tests")
+    src = ref.k_diffusion_source()
+    if src is None:
+        pytest.skip("k-diffusion is not installed (make test installs it) and LDMRT_KDIFFUSION_SRC is not set")
     for needed in ("scipy", "torchsde", "torchdiffeq", "tqdm"):
         pytest.importorskip(needed)
     return ref.load_k_diffusion(src)
@@ -440,3 +439,98 @@ def test_plan_options_match_reference(data, sampler, options):
     kw = dict(sampler=sampler, steps=11, alphas_cumprod=AC, **options)
     out, expected = both(gaussian_eps(data["mean"], 0.7), data["x_T"], "float64", **kw)
     assert rel_l2(out, expected) <= 1e-9
+
+
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_k_diffusion_brownian_tree_noise(data, monkeypatch, float64_default, name):
+    """k-diffusion's SDE samplers with their default noise, a torchsde Brownian tree (as AUTOMATIC1111 seeds it):
+    the same tree given to ldmrt through noise_from_sampler gives k-diffusion's image."""
+    k = k_diffusion_sampling(monkeypatch)
+    steps, ac = 10, torch.from_numpy(AC)
+    sigmas = k.get_sigmas_karras(steps, float(((1 - ac[0]) / ac[0]) ** 0.5), float(((1 - ac[-1]) / ac[-1]) ** 0.5))
+    eps = gaussian_eps(data["mean"], 0.7)
+    x_T = torch.from_numpy(data["x_T"])
+
+    def tree():
+        return k.BrownianTreeNoiseSampler(x_T, sigmas[sigmas > 0].min(), sigmas.max(), seed=1234)
+
+    def denoiser(x, sigma):
+        s = float(sigma.reshape(-1)[0])
+        return x - s * torch.from_numpy(eps((x / (s * s + 1) ** 0.5).numpy(), ref.sigma_to_t(AC, s)))
+    expected = getattr(k, K_DIFFUSION[name])(denoiser, sigmas[0] * x_T, sigmas, disable=True, noise_sampler=tree())
+    plan = sampling.make_plan(sampler=name, steps=steps, alphas_cumprod=AC, timestep_spacing="karras")
+    ours = tree()
+    out = sampling.run(plan, eps, data["x_T"],
+                       noise_fn=sampling.noise_from_sampler(plan, lambda a, b: ours(torch.tensor(a), torch.tensor(b)).numpy()))
+    assert rel_l2(out, expected.numpy()) <= 1e-9
+
+
+# --- stepping several plans in one batched model call (ldmrt serve) ----------------------------------------------
+def conditioned_eps(x, t, c):
+    """An elementwise denoiser of (x, t, c) per sample: batch-invariant to the bit, so a batched evaluation must
+    give each request exactly what its own evaluation gives."""
+    return np.tanh(0.5 * x + 1e-3 * t + c)
+
+
+STEPPED = [dict(sampler="ddim", steps=5, guidance_scale=7.5, c=(0.1, 0.3)),
+           dict(sampler="euler_ancestral", steps=7, timestep_spacing="karras", c=(0.2,)),
+           dict(sampler="dpmpp_2m", steps=4, guidance_scale=3.0, guidance_interval=(0.0, 0.5), c=(-0.2, 0.4)),
+           dict(sampler="heun", steps=4, timestep_spacing="karras", guidance_scale=5.0, inpaint=True, c=(0.0, -0.1)),
+           dict(sampler="plms", steps=6, strength=0.5, c=(0.05,))]
+
+
+def _request(data, r, i):
+    plan = sampling.make_plan(sampler=r["sampler"], steps=r["steps"], alphas_cumprod=AC,
+                              timestep_spacing=r.get("timestep_spacing", "uniform"), strength=r.get("strength", 1.0),
+                              guidance_interval=r.get("guidance_interval"))
+    x0 = data["x0"] if r.get("inpaint") or r.get("strength") else None
+    kw = dict(guidance_scale=r.get("guidance_scale"), x0=x0, mask=data["mask"] if r.get("inpaint") else None,
+              seed=10 + i)
+    return plan, sampling.randn(20 + i, SHAPE, dtype="float64"), kw
+
+
+def test_steppers_batched_equal_each_alone_bitwise(data):
+    """Five requests (different samplers, step counts, guidance, img2img, inpainting) stepped together, one model
+    call per tick over all their evaluations with per-sample t and conditioning, end bit for bit where each
+    ends alone."""
+    alone, steppers = [], []
+    for i, r in enumerate(STEPPED):
+        plan, x_T, kw = _request(data, r, i)
+
+        def eps_fn(x, t, c=r["c"]):
+            halves = c if x.shape[0] == 2 * SHAPE[0] else c[-1:]  # doubled: [uncond; cond]
+            return conditioned_eps(x, t, np.repeat(halves, SHAPE[0])[:, None, None, None])
+        alone.append(sampling.run(plan, eps_fn, x_T, **kw))
+        steppers.append(sampling.Stepper(plan, x_T, **kw))
+    calls = 0
+    while not all(s.done for s in steppers):
+        live = [(s, r) for s, r in zip(steppers, STEPPED) if not s.done]
+        evs = [s.next() for s, _ in live]
+        x = np.concatenate([ev.x for ev in evs])
+        t = np.concatenate([np.full(ev.x.shape[0], ev.t) for ev in evs])[:, None, None, None]
+        c = np.concatenate([np.repeat(r["c"] if ev.guided else r["c"][-1:], SHAPE[0]) for ev, (_, r) in zip(evs, live)])
+        eps = conditioned_eps(x, t, c[:, None, None, None])
+        calls += 1
+        offset = 0
+        for ev, (s, _) in zip(evs, live):
+            n = ev.x.shape[0]
+            s.apply(eps[offset:offset + n])
+            offset += n
+    assert calls == max(len(_request(data, r, i)[0].stages) for i, r in enumerate(STEPPED))
+    for got, want in zip(steppers, alone):
+        assert np.array_equal(got.latent, want)
+
+
+def test_stepper_contract(data):
+    plan, x_T, kw = _request(data, STEPPED[0], 0)
+    s = sampling.Stepper(plan, torch.from_numpy(x_T), **kw)
+    ev = s.next()
+    assert ev.guided and not ev.shallow and ev.x.shape == (2 * SHAPE[0], *SHAPE[1:]) and isinstance(ev.x, torch.Tensor)
+    assert s.next().t == ev.t and s.stage == 0  # next() is idempotent within a stage
+    with pytest.raises(ValueError, match="returned"):
+        s.apply(np.zeros(SHAPE))  # half the values of the doubled input
+    while not s.done:
+        s.apply(np.zeros_like(s.next().x))
+    assert s.stage == len(plan.stages)
+    with pytest.raises(ValueError, match="finished"):
+        s.apply(np.zeros(SHAPE))

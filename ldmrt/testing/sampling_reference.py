@@ -513,6 +513,18 @@ def gaussian_eps(alphas_cumprod, mean, std=0.7):
     return eps
 
 
+def k_diffusion_source():
+    """Where k-diffusion's sources are: LDMRT_KDIFFUSION_SRC (a checkout), else the installed k-diffusion package
+    (`make test` installs it; its __init__ is not run), else None."""
+    import importlib.util
+    import os
+    from pathlib import Path
+    if os.environ.get("LDMRT_KDIFFUSION_SRC"):
+        return os.environ["LDMRT_KDIFFUSION_SRC"]
+    spec = importlib.util.find_spec("k_diffusion")
+    return None if spec is None else str(Path(spec.submodule_search_locations[0]).parent)
+
+
 def load_k_diffusion(src):
     """k-diffusion's own k_diffusion/sampling.py from a checkout at `src` (needs scipy, torchsde, torchdiffeq):
     the module alone, as its package's __init__ imports training code; utils.append_dims is all it uses."""
