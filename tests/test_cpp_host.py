@@ -79,6 +79,10 @@ def run_host(example, engine_dir, out_png, prompt, **flags):
     # feature caching and a guidance interval: the plan's stage flags, followed by both hosts
     dict(prompt="a red circle", seed=5, steps=7, sampler="dpmpp_2m", cache=3, **{"guidance-until": 0.5}),
     dict(prompt="green square", seed=2, steps=12, cache=3, **{"cache-schedule": "quadratic"}),
+    # samplers of two evaluations per step (trial points in history slots), with noise, and diffusers' UniPC
+    dict(prompt="a blue circle", seed=4, steps=4, sampler="heun"),
+    dict(prompt="a red square", seed=6, steps=4, sampler="dpmpp_sde"),
+    dict(prompt="a gray circle", seed=8, steps=5, sampler="unipc"),
 ])
 def test_cpp_host_gives_python_images_bit_for_bit(example, engine_dir, tmp_path, case):
     assert torch.get_num_threads() == THREADS

@@ -149,3 +149,56 @@ def test_a1111_dpm2_discards_the_next_to_last_sigma():
     plan = sampling.make_plan(steps=10, alphas_cumprod=AC, **schedulers.resolve("DPM2"))
     t, _ = ref.make_grid("kdiffusion", 11, AC)
     assert np.allclose(plan.timesteps, t[:-1], rtol=0, atol=1e-9)
+
+
+# --- a diffusers folder's scheduler through the engine --------------------------------------------------------
+
+@pytest.mark.parametrize("cls,config,sampler", [
+    ("PNDMScheduler", {}, "plms"),
+    ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True), "dpmpp_2m"),
+    ("EulerDiscreteScheduler", {}, "euler"),
+    ("UniPCMultistepScheduler", {}, "unipc"),
+])
+def test_a_folders_scheduler_is_the_engines_default(tmp_path, cls, config, sampler):
+    """Built from a diffusers folder, the engine samples as the folder's scheduler does: the same latent as
+    diffusers' StableDiffusionPipeline from the same x_T, with guidance (tiny random SD, fp32)."""
+    from ldmrt import Engine
+    from helpers import diffusers_pipeline, write_tiny_sd_folder
+    folder = write_tiny_sd_folder(tmp_path / "sd", ["a", "red", "circle"])
+    pipe = diffusers_pipeline(folder)
+    pipe.tokenizer.model_max_length = 77  # the tiny tokenizer files record none
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **config)
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+    engine = Engine.build(folder, tmp_path / "engine", backend="torch")
+    assert engine.manifest["default_sampler"]["sampler"] == sampler
+    s = engine.summary
+    size, side = s["default_size"], s["default_size"] // s["latent_factor"]
+    x_T = torch.randn(1, s["latent_channels"], side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = pipe("a red circle", num_inference_steps=9, guidance_scale=6.0, latents=x_T.clone(),
+                        output_type="latent", height=size, width=size).images
+    out = engine.generate("a red circle", steps=9, guidance_scale=6.0, latents=x_T, output_type="latent")
+    assert rel_l2(out.numpy(), expected.numpy()) <= 1e-4, rel_l2(out.numpy(), expected.numpy())
+    # The image records what ran: a request naming no sampler says the folder's.
+    record = engine.generate("a red circle", steps=2)[0].info["parameters"]
+    assert sampler in record
+
+
+def test_cli_takes_a1111_names(tmp_path, capsys):
+    """`ldmrt generate --sampler 'Euler a' --scheduler Karras`: the PNG records the sampler and grid that ran; an
+    unknown name exits 2 naming the known ones."""
+    import json
+
+    from PIL import Image
+
+    from ldmrt.cli import main
+    engine = tmp_path / "engine"
+    assert main(["build", "--model", "shapes", "--backend", "torch", "-o", str(engine)]) == 0
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red circle", "--engine", str(engine), "--steps", "4", "--sampler", "Euler a",
+                 "--scheduler", "Karras", "-o", str(out)]) == 0
+    record = json.loads(Image.open(out).text["parameters"])
+    assert (record["sampler"], record["timestep_spacing"]) == ("euler_ancestral", "karras")
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "--engine", str(engine), "--sampler", "DPM fast", "-o", str(out)]) == 2
+    assert "unknown sampler 'DPM fast'" in capsys.readouterr().err
