@@ -31,7 +31,7 @@ def measure(engine_dir: str, size: int) -> dict:
     import torch
 
     from ldmrt import Engine
-    from ldmrt.memory import estimate
+    from ldmrt.memory import estimate, fused_attention
     torch.set_num_threads(2)
     engine = Engine.load(engine_dir)
     prompt = "a red circle" if engine.summary["conditioning"] == "text" else None
@@ -41,7 +41,7 @@ def measure(engine_dir: str, size: int) -> dict:
     engine.generate(prompt, steps=2, height=size, width=size)
     m = engine.manifest
     est = estimate(engine.summary, m["backend"], m["precision"], 1, size, size, guided=True,
-                   device=str(engine.backend.device))
+                   device=str(engine.backend.device), fused_attention=fused_attention(m))
     return {"measured": rss("VmHWM") - before, "estimate": est["peak"], "parts": est}
 
 

@@ -14,7 +14,9 @@
 
 #include "ldmrt/json.h"
 #include "ldmrt/loop.h"
+#include "ldmrt/prompts.h"
 #include "ldmrt/rng.h"
+#include "ldmrt/safetensors.h"
 #include "ldmrt/samplers.h"
 
 #ifndef LDMRT_VERSION
@@ -28,6 +30,7 @@ namespace fs = std::filesystem;
 constexpr const char* kFormat = "ldmrt-engine";
 constexpr int kFormatVersion = 2;  // ldmrt/manifest.py FORMAT_VERSION
 constexpr double kDefaultGuidance = 5.0;  // ldmrt/pipeline.py DEFAULT_GUIDANCE
+constexpr const char* kTokenTableKey = "weight";  // ldmrt/engine.py TOKEN_TABLE_KEY
 
 struct Graph {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
@@ -98,12 +101,21 @@ struct Engine::Impl {
   std::map<std::string, Graph> graphs;
   std::unique_ptr<Tokenizer> tokenizer;
   std::int64_t token_length = 0;  // the text encoder's sequence length, when the manifest records it
-  std::map<std::vector<std::int64_t>, at::Tensor> context_cache;  // token ids -> (1, L, D)
+  std::int64_t max_context_windows = 0;  // compiled shape ranges (AOTInductor): the most windows the UNet takes
+  fs::path token_table_file;  // CLIP: the token table (textual inversion), empty elsewhere
+  at::Tensor token_table;     // (vocab, width) float32, read on first use
+  std::vector<std::pair<std::string, at::Tensor>> embeddings;  // trigger word -> (n, width), in load order
+  std::map<std::pair<std::string, int>, at::Tensor> context_cache;  // (prompt, clip skip) -> (1, L, D)
 
   void load(const std::string& folder);
   const Graph& graph(const std::string& name) const;
   std::vector<at::Tensor> run(const std::string& name, const std::map<std::string, at::Tensor>& inputs) const;
-  at::Tensor text_context(const std::vector<std::int64_t>& ids, const std::string& text);
+  at::Tensor output(const std::string& graph_name, const std::vector<at::Tensor>& out, const std::string& name) const;
+  at::Tensor window_context(const PromptChunk& window, int clip_skip);
+  at::Tensor text_context(const std::string& text, int clip_skip);
+  at::Tensor ids_context(const std::vector<std::int64_t>& ids, int clip_skip);
+  at::Tensor text_contexts(const GenerateOptions& o, bool guided);
+  const at::Tensor& tokens_table();
 };
 
 void Engine::Impl::load(const std::string& folder) {
@@ -149,6 +161,11 @@ void Engine::Impl::load(const std::string& folder) {
     if (const json::Value* n = s.find("num_classes")) summary.num_classes = n->as_int();
     if (const json::Value* u = s.find("uncond_class"); u && !u->is_null()) summary.uncond_class = u->as_int();
     summary.unconditional_input = s.at("unconditional_input").as_bool();
+    if (const json::Value* l = s.find("long_prompts")) summary.long_prompts = l->as_bool();
+    if (summary.long_prompts) summary.context_window = static_cast<int>(s.at("context_window").as_int());
+    if (const json::Value* c = s.find("clip_layers")) summary.clip_layers = static_cast<int>(c->as_int());
+    if (const json::Value* sh = m.find("shapes"); sh && sh->is_object())
+      if (const json::Value* w = sh->find("max_context_windows"); w && !w->is_null()) max_context_windows = w->as_int();
     default_sampler = sampler_defaults(m.find("default_sampler"), summary.alphas_cumprod);
     const json::Value& g = m.at("graphs");
     for (std::size_t i = 0; i < g.size(); ++i) {
@@ -166,6 +183,11 @@ void Engine::Impl::load(const std::string& folder) {
         if (!files.find(f.as_string())) throw EngineError(folder + ": tokenizer file " + f.as_string() + " is not listed in 'files': " + rebuild);
       tokenizer = Tokenizer::from_folder((dir / "tokenizer").string(), t->at("kind").as_string(),
                                          static_cast<int>(token_length));
+      if (const json::Value* table = t->find("token_embedding"); table && !table->is_null()) {
+        if (!files.find(table->as_string()))
+          throw EngineError(folder + ": tokenizer.token_embedding names " + table->as_string() + ", which 'files' does not list: " + rebuild);
+        token_table_file = checked_file(dir, table->as_string(), folder, rebuild);
+      }
     }
   } catch (const EngineError&) {
     throw;
@@ -193,22 +215,173 @@ std::vector<at::Tensor> Engine::Impl::run(const std::string& name, const std::ma
   return out;
 }
 
-at::Tensor Engine::Impl::text_context(const std::vector<std::int64_t>& given, const std::string& text) {
-  std::vector<std::int64_t> ids = given;
-  if (ids.empty()) {
-    if (!tokenizer) throw EngineError(path + " has no tokenizer files: pass token_ids, or rebuild it from a checkpoint that has them");
-    ids = tokenizer->encode(text);
-  } else if (token_length > 0 && static_cast<std::int64_t>(ids.size()) != token_length) {
+at::Tensor Engine::Impl::output(const std::string& graph_name, const std::vector<at::Tensor>& out,
+                                const std::string& name) const {
+  const std::vector<std::string>& names = graph(graph_name).outputs;
+  const auto it = std::find(names.begin(), names.end(), name);
+  if (it == names.end() || static_cast<std::size_t>(it - names.begin()) >= out.size())
+    throw EngineError(path + ": graph " + graph_name + " has no output " + name + " (an engine built before it existed: "
+                      "rebuild it: ldmrt build --backend aoti -o " + path + ")");
+  return out[static_cast<std::size_t>(it - names.begin())];
+}
+
+// One text-encoder window, batch 1, as Python's pipeline._window_context: from the layer CLIP skip names (1: the
+// graph's context); a window with textual-inversion rows is looked up here and runs the graph of token embeddings.
+at::Tensor Engine::Impl::window_context(const PromptChunk& window, int clip_skip) {
+  std::vector<at::Tensor> out;
+  std::string name = "cond_stage";
+  at::Tensor ids = at::tensor(window.ids, at::kLong).reshape({1, static_cast<std::int64_t>(window.ids.size())});
+  if (!window.fixes.empty()) {
+    name = "cond_stage_embeds";
+    at::Tensor rows = tokens_table().index_select(0, ids[0]);
+    for (const auto& [offset, trigger] : window.fixes) {
+      const auto it = std::find_if(embeddings.begin(), embeddings.end(), [&](const auto& e) { return e.first == trigger; });
+      rows.narrow(0, offset, it->second.size(0)).copy_(it->second);
+    }
+    out = run(name, {{"token_embeds", rows.unsqueeze(0)}});
+  } else {
+    out = run(name, {{"cond", ids}});
+  }
+  return clip_skip == 1 ? output(name, out, "context") : output(name, out, "layer_contexts").select(1, -clip_skip);
+}
+
+// z with each token's embedding times its weight, rescaled to the unweighted mean (ldmrt/prompts.py emphasized:
+// the same float32 ops in the same order, so the same bits).
+static at::Tensor emphasized(const at::Tensor& z, const std::vector<double>& weights) {
+  if (std::all_of(weights.begin(), weights.end(), [](double w) { return w == 1.0; })) return z;
+  const at::Tensor original_mean = z.mean();
+  const at::Tensor weighted = z * at::tensor(weights, at::kDouble).to(at::kFloat).reshape({1, -1, 1});
+  return weighted * (original_mean / weighted.mean());
+}
+
+at::Tensor Engine::Impl::text_context(const std::string& text, int clip_skip) {
+  auto cached = context_cache.find({text, clip_skip});
+  if (cached != context_cache.end()) return cached->second;
+  if (!tokenizer) throw EngineError(path + " has no tokenizer files: pass token_ids, or rebuild it from a checkpoint that has them");
+  std::vector<std::pair<std::string, int>> counts;
+  for (const auto& [trigger, vectors] : embeddings) counts.emplace_back(trigger, static_cast<int>(vectors.size(0)));
+  std::vector<at::Tensor> parts;
+  for (const PromptChunk& window : prompt_chunks(text, *tokenizer, summary.long_prompts, counts))
+    parts.push_back(emphasized(window_context(window, clip_skip), window.weights));
+  at::Tensor context = at::cat(parts, 1);
+  context_cache.emplace(std::make_pair(text, clip_skip), context);
+  return context;
+}
+
+at::Tensor Engine::Impl::ids_context(const std::vector<std::int64_t>& ids, int clip_skip) {
+  if (token_length > 0 && static_cast<std::int64_t>(ids.size()) != token_length)
     throw std::invalid_argument("token_ids must hold the text encoder's " + std::to_string(token_length) +
                                 " ids (padded), got " + std::to_string(ids.size()));
+  PromptChunk window;
+  window.ids = ids;
+  return window_context(window, clip_skip);
+}
+
+// (B, L, D): the negative prompt's and the prompt's contexts when guided, the shorter padded with the empty
+// prompt's windows to the longer (Python's pipeline.text_contexts).
+at::Tensor Engine::Impl::text_contexts(const GenerateOptions& o, bool guided) {
+  if (o.clip_skip != 1) {
+    if (!summary.clip_layers)
+      throw std::invalid_argument("clip_skip is for CLIP text encoders (SD v1); this model's engine has none (engines "
+                                  "built before clip_skip existed: rebuild them)");
+    if (o.clip_skip < 1 || o.clip_skip > summary.clip_layers)
+      throw std::invalid_argument("clip_skip must be an integer in 1.." + std::to_string(summary.clip_layers) + ", not " +
+                                  std::to_string(o.clip_skip));
   }
-  auto cached = context_cache.find(ids);
-  if (cached != context_cache.end()) return cached->second;
-  // One prompt at a time, batch 1, as Python's Engine._text_context (batching changes the GEMM blocking).
-  at::Tensor cond = at::tensor(ids, at::kLong).reshape({1, static_cast<std::int64_t>(ids.size())});
-  at::Tensor context = run("cond_stage", {{"cond", cond}})[0];
-  context_cache.emplace(ids, context);
-  return context;
+  const auto context_of = [&](const std::vector<std::int64_t>& ids, const std::string& text) {
+    return ids.empty() ? text_context(text, o.clip_skip) : ids_context(ids, o.clip_skip);
+  };
+  std::vector<at::Tensor> contexts;
+  if (guided) contexts.push_back(context_of(o.negative_token_ids, o.negative_prompt));
+  contexts.push_back(context_of(o.token_ids, o.prompt));
+  std::int64_t longest = 0;
+  for (const at::Tensor& c : contexts) longest = std::max(longest, c.size(1));
+  if (max_context_windows && summary.context_window && longest > max_context_windows * summary.context_window)
+    throw std::invalid_argument("the prompt needs " + std::to_string(longest / summary.context_window) +
+                                " windows of 75 tokens; this aoti engine was compiled for at most " +
+                                std::to_string(max_context_windows) + ": shorten it");
+  for (at::Tensor& c : contexts) {
+    if (c.size(1) < longest) {
+      const at::Tensor empty = text_context("", o.clip_skip);
+      c = at::cat({c, empty.repeat({1, (longest - c.size(1)) / empty.size(1), 1})}, 1);
+    }
+  }
+  const std::int64_t batch = o.batch_size;
+  for (at::Tensor& c : contexts) c = c.expand({batch, -1, -1});
+  return at::cat(contexts).contiguous();
+}
+
+const at::Tensor& Engine::Impl::tokens_table() {
+  if (!token_table.defined()) {
+    const std::map<std::string, SafeTensor> file = read_safetensors(token_table_file.string());
+    const auto it = file.find(kTokenTableKey);
+    if (it == file.end() || it->second.dtype != "F32" || it->second.shape.size() != 2)
+      throw EngineError(token_table_file.string() + " does not hold the float32 token table '" + kTokenTableKey +
+                        "': rebuild it: ldmrt build --backend aoti -o " + path);
+    token_table = at::from_blob(const_cast<std::uint8_t*>(it->second.data.data()), it->second.shape, at::kFloat).clone();
+  }
+  return token_table;
+}
+
+static at::ScalarType float_type(const std::string& dtype) {
+  if (dtype == "F32") return at::kFloat;
+  if (dtype == "F16") return at::kHalf;
+  if (dtype == "BF16") return at::kBFloat16;
+  if (dtype == "F64") return at::kDouble;
+  return at::ScalarType::Undefined;
+}
+
+std::vector<std::string> Engine::load_embedding(const std::string& file) {
+  Impl& e = *impl_;
+  if (e.token_table_file.empty() || !e.graphs.count("cond_stage_embeds"))
+    throw EngineError(e.path + " takes no textual-inversion embeddings: they are for CLIP text encoders (SD v1), in "
+                      "engines built by this ldmrt (rebuild it: ldmrt build --backend aoti -o " + e.path + ")");
+  const fs::path p(file);
+  if (!fs::is_regular_file(p)) throw std::invalid_argument("embedding file " + file + " does not exist");
+  if (p.extension() != ".safetensors")
+    throw std::invalid_argument(
+        file + " is not a .safetensors file: .pt and .bin embeddings are Python pickles, which the C++ host does not "
+        "read. Convert it once: python -c \"import sys, torch, safetensors.torch as st; d = torch.load(sys.argv[1], "
+        "weights_only=True); st.save_file({'emb_params': next(iter(d['string_to_param'].values())).contiguous()} if "
+        "'string_to_param' in d else {k: v.contiguous() for k, v in d.items()}, sys.argv[2])\" " + file + " " +
+        fs::path(p).replace_extension(".safetensors").string() + " (or use Python's Engine.load_embedding, which reads both)");
+  std::map<std::string, SafeTensor> data;
+  try {
+    data = read_safetensors(file);
+  } catch (const std::runtime_error& err) {
+    throw std::invalid_argument(err.what());
+  }
+  std::vector<std::pair<std::string, SafeTensor*>> found;  // as ldmrt/embeddings.py read_embedding_file
+  if (data.size() == 1 && data.count("emb_params")) found.emplace_back(p.stem().string(), &data.at("emb_params"));
+  else for (auto& [trigger, tensor] : data) found.emplace_back(trigger, &tensor);
+  const std::int64_t width = e.tokens_table().size(1);
+  std::vector<std::pair<std::string, at::Tensor>> vectors;
+  for (const auto& [trigger, t] : found) {
+    const at::ScalarType type = float_type(t->dtype);
+    if (type == at::ScalarType::Undefined)
+      throw std::invalid_argument(file + ": the vectors of '" + trigger + "' are not a float tensor: not a "
+                                  "textual-inversion embedding (AUTOMATIC1111 .safetensors or diffusers learned_embeds)");
+    at::Tensor v = at::from_blob(t->data.data(), t->shape, type).to(at::kFloat).clone();
+    if (v.dim() == 1) v = v.unsqueeze(0);  // diffusers: one (width,)
+    if (v.dim() != 2 || v.size(1) != width || v.size(0) == 0) {
+      std::string shape;
+      for (std::int64_t d : t->shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+      throw std::invalid_argument(file + ": '" + trigger + "' has vectors of shape (" + shape + "); this model's text "
+                                  "encoder takes (n, " + std::to_string(width) + "): the embedding was trained for another model");
+    }
+    if (trigger.find_first_not_of(" \t\n\r\f\v") == std::string::npos)
+      throw std::invalid_argument(file + ": an embedding has an empty trigger word: rename the file");
+    vectors.emplace_back(trigger, v.contiguous());
+  }
+  std::vector<std::string> triggers;
+  for (auto& [trigger, v] : vectors) {
+    triggers.push_back(trigger);
+    auto it = std::find_if(e.embeddings.begin(), e.embeddings.end(), [&](const auto& x) { return x.first == trigger; });
+    if (it != e.embeddings.end()) it->second = std::move(v);  // a dict update: the word keeps its place
+    else e.embeddings.emplace_back(trigger, std::move(v));
+  }
+  e.context_cache.clear();  // cached prompts may hold a trigger word
+  return triggers;
 }
 
 Engine::Engine(const std::string& path, const EngineOptions& options) : impl_(std::make_unique<Impl>()) {
@@ -253,9 +426,7 @@ Latent Engine::generate_latent(const GenerateOptions& o) {
   if (kind == "text") {
     if (o.prompt.empty() && o.token_ids.empty())
       throw std::invalid_argument("this is a text-to-image model: give a prompt (or token_ids)");
-    at::Tensor cond = impl_->text_context(o.token_ids, o.prompt).expand({batch, -1, -1});
-    context = guided ? at::cat({impl_->text_context(o.negative_token_ids, o.negative_prompt).expand({batch, -1, -1}), cond})
-                     : cond;
+    context = impl_->text_contexts(o, guided);
   } else if (kind == "class") {
     if (!o.class_label) throw std::invalid_argument("this is a class-conditional model: give class_label (0.." +
                                                     std::to_string(s.num_classes - 1) + ")");

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "ldmrt/rng.h"
 
@@ -97,42 +98,67 @@ Workspace<Real> Workspace<Real>::allocate(const Plan& plan, std::size_t count, b
 }
 
 template <typename Real>
-void run_plan(const Plan& plan, Real* latent, std::size_t count, const EpsModel<Real>& model,
-              const NoiseSource<Real>& noise, const LoopInputs<Real>& in, Workspace<Real>& ws) {
-  if ((plan.uses_x0() || in.mask) && !in.x0)
+Stepper<Real>::Stepper(Plan plan, Real* latent, std::size_t count, NoiseSource<Real> noise, const LoopInputs<Real>& in,
+                       Workspace<Real>& ws)
+    : plan_(std::move(plan)), latent_(latent), count_(count), noise_(std::move(noise)), in_(in), ws_(&ws) {
+  if ((plan_.uses_x0() || in.mask) && !in.x0)
     throw std::invalid_argument(in.mask ? "inpainting with a mask needs x0 (the known latent)"
                                         : "img2img (strength < 1) needs x0 (the latent to start from)");
-  const bool guided = in.guidance_scale.has_value();
-  if (guided && !ws.model_input) throw std::invalid_argument("guidance needs a workspace with model_input");
-  if (static_cast<int>(ws.history.size()) < plan.history_slots)
+  if (in.guidance_scale && !ws.model_input) throw std::invalid_argument("guidance needs a workspace with model_input");
+  if (static_cast<int>(ws.history.size()) < plan_.history_slots)
     throw std::invalid_argument("workspace has " + std::to_string(ws.history.size()) + " history buffers, plan needs " +
-                                std::to_string(plan.history_slots));
-
+                                std::to_string(plan_.history_slots));
+  const Real init_noise = static_cast<Real>(plan_.init_noise), init_x0 = static_cast<Real>(plan_.init_x0);
   for (std::size_t i = 0; i < count; ++i)
-    latent[i] = static_cast<Real>(plan.init_noise) * latent[i] + (plan.init_x0 != 0 ? static_cast<Real>(plan.init_x0) * in.x0[i] : Real(0));
+    latent[i] = init_noise * latent[i] + (plan_.init_x0 != 0 ? init_x0 * in.x0[i] : Real(0));
+}
 
-  int draw = 0;
-  for (const Stage& stage : plan.stages) {
-    if (stage.starts_step && in.mask) {
-      noise(draw++, ws.noise, count);
+template <typename Real>
+typename Stepper<Real>::Evaluation Stepper<Real>::next() {
+  if (done()) throw std::logic_error("the plan is finished: no evaluation left");
+  const Stage& stage = plan_.stages[stage_];
+  Workspace<Real>& ws = *ws_;
+  const std::size_t count = count_;
+  const bool doubled = in_.guidance_scale.has_value() && stage.guided;  // else one conditional evaluation
+  const Real* input = stage.model_input == kLatent ? latent_ : ws.history[stage.model_input];
+  if (!prepared_) {
+    prepared_ = true;
+    if (stage.starts_step && in_.mask) {
+      noise_(draw_++, ws.noise, count);
       const Real bx = static_cast<Real>(stage.blend_x0), bn = static_cast<Real>(stage.blend_noise);
       for (std::size_t i = 0; i < count; ++i)
-        latent[i] = in.mask[i] * (bx * in.x0[i] + bn * ws.noise[i]) + (Real(1) - in.mask[i]) * latent[i];
+        latent_[i] = in_.mask[i] * (bx * in_.x0[i] + bn * ws.noise[i]) + (Real(1) - in_.mask[i]) * latent_[i];
     }
-    const Real* input = stage.model_input == kLatent ? latent : ws.history[stage.model_input];
-    const bool doubled = guided && stage.guided;  // else one conditional evaluation (the model sees `count`)
-    const Real* eps;
     if (doubled) {
       std::memcpy(ws.model_input, input, count * sizeof(Real));
       std::memcpy(ws.model_input + count, input, count * sizeof(Real));
-      eps = model(ws.model_input, 2 * count, stage.timestep);
-    } else {
-      eps = model(input, count, stage.timestep);
     }
-    if (stage.c_noise != 0) noise(draw++, ws.noise, count);
-    Real* dst = stage.dst == kLatent ? latent : ws.history[stage.dst];
-    apply_update<Real>(stage, dst, latent, eps, doubled ? eps + count : nullptr, in.guidance_scale.value_or(1.0),
-                       ws.history.data(), ws.noise, count);
+  }
+  return {doubled ? ws.model_input : input, doubled ? 2 * count : count, stage.timestep, doubled, stage.shallow};
+}
+
+template <typename Real>
+void Stepper<Real>::apply(const Real* eps) {
+  if (done()) throw std::logic_error("the plan is finished: nothing to apply");
+  if (!prepared_) next();  // the blend belongs before the update even when the caller skipped next()
+  const Stage& stage = plan_.stages[stage_];
+  Workspace<Real>& ws = *ws_;
+  const bool doubled = in_.guidance_scale.has_value() && stage.guided;
+  if (stage.c_noise != 0) noise_(draw_++, ws.noise, count_);
+  Real* dst = stage.dst == kLatent ? latent_ : ws.history[stage.dst];
+  apply_update<Real>(stage, dst, latent_, eps, doubled ? eps + count_ : nullptr, in_.guidance_scale.value_or(1.0),
+                     ws.history.data(), ws.noise, count_);
+  ++stage_;
+  prepared_ = false;
+}
+
+template <typename Real>
+void run_plan(const Plan& plan, Real* latent, std::size_t count, const EpsModel<Real>& model,
+              const NoiseSource<Real>& noise, const LoopInputs<Real>& in, Workspace<Real>& ws) {
+  Stepper<Real> stepper(plan, latent, count, noise, in, ws);
+  while (!stepper.done()) {
+    const auto e = stepper.next();
+    stepper.apply(model(e.input, e.count, e.timestep));
   }
 }
 
@@ -141,6 +167,7 @@ void run_plan(const Plan& plan, Real* latent, std::size_t count, const EpsModel<
                                    const Real*, std::size_t);                                                      \
   template NoiseSource<Real> philox_noise<Real>(std::uint64_t);                                                    \
   template struct Workspace<Real>;                                                                                 \
+  template class Stepper<Real>;                                                                                    \
   template void run_plan<Real>(const Plan&, Real*, std::size_t, const EpsModel<Real>&, const NoiseSource<Real>&,   \
                                const LoopInputs<Real>&, Workspace<Real>&);
 LDMRT_INSTANTIATE(float)

@@ -247,6 +247,10 @@ std::vector<std::int64_t> WordPieceTokenizer::tokenize(std::string_view utf8_tex
   return ids;
 }
 
+std::int64_t WordPieceTokenizer::token_id(const std::string& token) const {
+  auto it = vocab_.find(token);
+  return it == vocab_.end() ? -1 : it->second;
+}
 std::vector<std::int64_t> WordPieceTokenizer::encode(std::string_view utf8_text) const {
   return frame(tokenize(utf8_text), cls_, sep_, pad_, max_length_);
 }
@@ -374,6 +378,10 @@ std::vector<std::int64_t> ClipTokenizer::tokenize(std::string_view utf8_text) co
   return ids;
 }
 
+std::int64_t ClipTokenizer::token_id(const std::string& token) const {
+  auto it = vocab_.find(token);
+  return it == vocab_.end() ? -1 : it->second;
+}
 std::vector<std::int64_t> ClipTokenizer::encode(std::string_view utf8_text) const {
   return frame(tokenize(utf8_text), bos_, eos_, eos_, max_length_);  // SD v1 pads with <|endoftext|>
 }

@@ -8,7 +8,8 @@ a package is tied to that torch version and to the CPU (or CUDA device) it was c
 
 Dynamic axes: batch 1..MAX_BATCH everywhere; latent height and width are multiples of the UNet's
 downsampling (a derived dimension `multiple * k`, so the compiled code needs no size guards beyond it),
-images are `latent_factor` times that. Token sequences keep their fixed padded length.
+images are `latent_factor` times that. Token sequences keep their fixed padded length; the UNet's context of a
+long-prompt model (CLIP) is 1..MAX_CONTEXT_WINDOWS windows of it.
 
 Inputs and outputs are float32 or int64 whatever the precision inside (casts in the graph modules), in the
 order of the graph's `input_names`: a C++ host passes a vector of tensors in that order.
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
+from ldmrt.models.conditioners import long_prompt_window
+
 from . import graphs as graph_defs
 
 MAX_BATCH = 64
@@ -35,14 +38,17 @@ MAX_LATENT = 512  # latent height/width bound for the symbolic sizes (4096 px at
 INDUCTOR_CONFIGS = {"cpp.dynamic_threads": True}
 
 
-def _dynamic_shapes(graph, multiple: int, factor: int) -> tuple:
-    """dynamic_shapes for torch.export from the graph's ONNX-style dynamic axes."""
+def _dynamic_shapes(graph, multiple: int, factor: int, window: int | None = None) -> tuple:
+    """dynamic_shapes for torch.export from the graph's ONNX-style dynamic axes. window: the text encoder's
+    tokens per window where the UNet's context is k of them (long prompts), k <= MAX_CONTEXT_WINDOWS."""
     batch = Dim("batch", min=1, max=MAX_BATCH)
     # latent sizes are multiple * k; images factor * multiple * k. Separate height and width.
     kh = Dim("kh", min=1, max=MAX_LATENT // multiple)
     kw = Dim("kw", min=1, max=MAX_LATENT // multiple)
     sizes = {"batch": batch, "height": multiple * kh, "width": multiple * kw,
              "image_height": factor * multiple * kh, "image_width": factor * multiple * kw}
+    if window:
+        sizes["context_length"] = window * Dim("context_windows", min=1, max=graph_defs.MAX_CONTEXT_WINDOWS)
     specs = []
     for name in graph.input_names:
         axes = graph.dynamic_axes.get(name, {})
@@ -69,15 +75,16 @@ def export_aoti(model, out_dir, *, fp16: bool = False, latent_size: int | None =
     model = model.eval()
     multiple = graph_defs.unet_downsampling(model)
     _, factor = graph_defs.latent_shape(model)
+    window = long_prompt_window(model.cond_stage_model) if model.cond_stage_model is not None else None
     results = {}
     with torch.no_grad():
         for name, graph in graph_defs.graphs_for(model, latent_size=latent_size).items():
-            module, half = graph.module, fp16 and name != "cond_stage"
+            module, half = graph.module, fp16 and name not in graph_defs.COND_STAGE_GRAPHS
             if half:
                 module = graph_defs.cast_graph(copy.deepcopy(module), torch.float16)
             t0 = time.perf_counter()
             exported = torch.export.export(module, graph.example_inputs,
-                                           dynamic_shapes=_dynamic_shapes(graph, multiple, factor))
+                                           dynamic_shapes=_dynamic_shapes(graph, multiple, factor, window))
             path = out_dir / f"{name}.pt2"
             path.unlink(missing_ok=True)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=INDUCTOR_CONFIGS)

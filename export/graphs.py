@@ -2,9 +2,14 @@
 
 Contract (the same for every backend; the sampler loop calls "unet" once per step):
 
-    cond_stage  cond -> context
+    cond_stage  cond -> context[, layer_contexts]
                 cond: int64 token ids (B, L) (BERT / CLIP / layout tokens), int64 class labels (B,),
-                or float maps (B, C, H, W) (semantic synthesis); context is what the UNet takes.
+                or float maps (B, C, H, W) (semantic synthesis); context is what the UNet takes. For CLIP the
+                UNet's context is k windows of it concatenated (long prompts): its axis 1 is `context_length`.
+                layer_contexts (CLIP only): (B, layers, L, D), each layer's output through the final layer norm
+                (CLIP skip n takes [:, -n]; [:, -1] is context).
+    cond_stage_embeds  token_embeds (B, L, D) -> context, layer_contexts (CLIP only): the same after the token
+                lookup, done by the host (textual inversion: some rows come from embedding files).
     unet        x (B, C, h, w), t (B,) float32 timesteps, [context (B, L, D)], [concat (B, Cc, h, w)] -> eps, deep
                 x0-parameterised models are turned into eps inside the graph; deep (B, Cd, h, w) is the feature
                 unet_shallow takes (DeepCache).
@@ -39,6 +44,7 @@ from torch import nn
 
 from ldmrt.models import unet as unet_module
 from ldmrt.models.autoencoder import DiagonalGaussianDistribution, VectorQuantizer, VQModelInterface
+from ldmrt.models.conditioners import long_prompt_window
 from ldmrt.models.ldm import eps_from_x0
 
 
@@ -46,6 +52,11 @@ from ldmrt.models.ldm import eps_from_x0
 # output blocks (chosen by measurement: README "Feature caching"). At most num_res_blocks + 1, so that the deep
 # feature is at the latent's resolution.
 DEEP_CACHE_KEEP = 1
+# Text-encoder windows a long prompt may span in backends that compile a shape range (AOTInductor, TensorRT):
+# 3 x 75 tokens. ONNX Runtime, OpenVINO and torch engines take any number.
+MAX_CONTEXT_WINDOWS = 3
+# The text-encoder graphs: exported in fp32 whatever the engine's precision (export/onnx.py says why).
+COND_STAGE_GRAPHS = ("cond_stage", "cond_stage_embeds")
 
 
 class Graph(NamedTuple):
@@ -79,14 +90,21 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
 class CondStageGraph(nn.Module):
     """cond -> context, as LatentDiffusion.get_learned_conditioning on tensors."""
 
-    input_names, output_names = ("cond",), ("context",)
+    input_names = ("cond",)
 
     def __init__(self, model):
         super().__init__()
         self.cond_stage_model = model.cond_stage_model
         self.cond_stage_forward = model.cond_stage_forward
+        # CLIP also gives every layer's final-layer-normed output, so that CLIP skip is a choice per request, not per
+        # engine: one graph, no control flow in it, ~2.8 MB more output per SD prompt window (12 x 77 x 768 fp32).
+        self.layers = hasattr(self.cond_stage_model, "encode_layers")
+        self.output_names = ("context", "layer_contexts") if self.layers else ("context",)
 
-    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, cond: torch.Tensor):
+        if self.layers:
+            context, layer_contexts = self.cond_stage_model.encode_layers(cond)
+            return context.float(), layer_contexts.float()
         if cond.is_floating_point():
             cond = cond.to(_compute_dtype(self.cond_stage_model))
         if self.cond_stage_forward is not None:
@@ -95,6 +113,23 @@ class CondStageGraph(nn.Module):
             encode = getattr(self.cond_stage_model, "encode", None)
             c = encode(cond) if callable(encode) else self.cond_stage_model(cond)
         return c.float()
+
+
+class CondStageEmbedsGraph(nn.Module):
+    """token_embeds (B, L, D) -> context, layer_contexts: the CLIP cond stage after its token lookup, which the host
+    does for prompts with textual-inversion embeddings (their rows come from the embedding file, the others from
+    the engine's token table). Prompts without any run "cond_stage" on their ids."""
+
+    input_names, output_names = ("token_embeds",), ("context", "layer_contexts")
+
+    def __init__(self, model):
+        super().__init__()
+        self.cond_stage_model = model.cond_stage_model
+
+    def forward(self, token_embeds: torch.Tensor):
+        token_embeds = token_embeds.to(_compute_dtype(self.cond_stage_model))
+        context, layer_contexts = self.cond_stage_model.encode_layers(token_embeds=token_embeds)
+        return context.float(), layer_contexts.float()
 
 
 class UNetGraph(nn.Module):
@@ -212,6 +247,8 @@ def graph_modules(model) -> dict[str, nn.Module]:
     # bsr_sr's Identity passes the image through; inpainting's first stage is covered by "encoder".
     if cond_stage is not None and cond_stage is not model.first_stage_model and not isinstance(cond_stage, nn.Identity):
         modules["cond_stage"] = CondStageGraph(model)
+        if hasattr(cond_stage, "encode_layers"):  # CLIP: textual inversion feeds token embeddings
+            modules["cond_stage_embeds"] = CondStageEmbedsGraph(model)
     modules.update(unet=UNetGraph(model), unet_shallow=UNetShallowGraph(model), decoder=DecoderGraph(model),
                    encoder=EncoderGraph(model))
     return {name: m.eval() for name, m in modules.items()}
@@ -250,13 +287,27 @@ def graphs_for(model, *, batch: int = 2, latent_size: int | None = None) -> dict
         cond, cond_axes = _example_cond(model.cond_stage_model, batch, latent_size * factor)
         cond = cond.to(param.device)
         with torch.no_grad():
-            context = modules["cond_stage"](cond)
+            out = modules["cond_stage"](cond)
+        context = out[0] if isinstance(out, tuple) else out
         context_axes = spatial if context.dim() == 4 else batch_axis
-        graphs["cond_stage"] = Graph(modules["cond_stage"], (cond,), ["cond"], ["context"],
-                                     {"cond": cond_axes, "context": context_axes})
+        outputs = list(modules["cond_stage"].output_names)
+        axes = {"cond": cond_axes, "context": context_axes, "layer_contexts": batch_axis}
+        graphs["cond_stage"] = Graph(modules["cond_stage"], (cond,), ["cond"], outputs,
+                                     {n: axes[n] for n in ("cond", *outputs)})
         examples["context"] = context  # cross-attention models
+        if "cond_stage_embeds" in modules:
+            embeds = model.cond_stage_model.token_embedding.weight[cond].detach()
+            graphs["cond_stage_embeds"] = Graph(modules["cond_stage_embeds"], (embeds,), ["token_embeds"],
+                                                ["context", "layer_contexts"],
+                                                {"token_embeds": batch_axis, "context": batch_axis,
+                                                 "layer_contexts": batch_axis})
     unet = modules["unet"]
     unet_axes = {"x": spatial, "t": batch_axis, "eps": spatial, "context": batch_axis, "concat": spatial}
+    if "cond_stage" in modules and long_prompt_window(model.cond_stage_model):
+        # Long prompts: the context is k windows of the text encoder (ldmrt/prompts.py). Traced with two, so that
+        # exporters tracing symbolically do not specialise the axis to one window.
+        unet_axes["context"] = {0: "batch", 1: "context_length"}
+        examples["context"] = torch.cat([examples["context"]] * 2, dim=1)
     if "concat" in unet.input_names:  # at latent resolution, whatever produces it
         concat_channels = model.model.diffusion_model.input_blocks[0][0].in_channels - channels
         examples["concat"] = torch.randn(batch, concat_channels, latent_size, latent_size, device=param.device)

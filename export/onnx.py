@@ -29,6 +29,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from ldmrt.models import ops
+
 from . import graphs as graph_defs
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6+ and ORT >= 1.14 read it
@@ -36,7 +38,8 @@ PROTOBUF_LIMIT = 2 ** 31  # a single .onnx protobuf cannot exceed 2 GB: weights 
 
 
 def export_onnx(model, out_dir, *, fp16: bool = False, opset: int = DEFAULT_OPSET, fusions: str | None = None,
-                external_data: bool | None = None, latent_size: int | None = None) -> dict[str, dict]:
+                external_data: bool | None = None, latent_size: int | None = None,
+                attention: str = "materialised") -> dict[str, dict]:
     """Export every graph `model` needs to `out_dir`/<graph>.onnx; returns {graph: description}.
 
     description: {"file": "<graph>.onnx", "inputs"/"outputs": [{"name", "dtype", "shape"}] (symbolic axes
@@ -46,6 +49,9 @@ def export_onnx(model, out_dir, *, fp16: bool = False, opset: int = DEFAULT_OPSE
     latent_size: the example size traced, default the smallest the UNet takes; the axes are dynamic anyway.
     fusions: "cpu" or "cuda": rewrite onto the onnxruntime fused operators kept for that provider
     (export/optimize.py; none pay on CPU). A fused graph needs onnxruntime and that provider.
+    attention: "materialised" (MatMul + Softmax + MatMul, standard ONNX: TensorRT and OpenVINO fuse it themselves)
+    or "fused" (com.microsoft MultiHeadAttention: ONNX Runtime's flash attention, no tokens^2 matrix; OpenVINO
+    reads it too), in the UNet and first-stage graphs; the cond stage's stays materialised.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,12 +60,16 @@ def export_onnx(model, out_dir, *, fp16: bool = False, opset: int = DEFAULT_OPSE
     with torch.no_grad():
         latent_size = latent_size or graph_defs.unet_downsampling(model)  # the cheapest trace
         for name, graph in graph_defs.graphs_for(model, latent_size=latent_size).items():
-            module, half = graph.module, fp16 and name != "cond_stage"
+            module, half = graph.module, fp16 and name not in graph_defs.COND_STAGE_GRAPHS
             if half:
                 module = graph_defs.cast_graph(copy.deepcopy(module), torch.float16)
-            results[name] = _export_graph(name, module, graph, out_dir, opset=opset, fusions=fusions,
-                                          fp16=half, external_data=external_data)
+            # The cond stage attends over at most a few hundred tokens: it keeps the plain form.
+            spelled = "materialised" if name in graph_defs.COND_STAGE_GRAPHS else attention
+            with ops.onnx_attention(spelled):
+                results[name] = _export_graph(name, module, graph, out_dir, opset=opset, fusions=fusions,
+                                              fp16=half, external_data=external_data)
             results[name]["precision"] = "fp16" if half else "fp32"
+            results[name]["attention"] = spelled
     return results
 
 

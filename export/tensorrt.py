@@ -14,7 +14,8 @@ Shapes. One optimization profile per graph, from the batch and image size ranges
 (BuildOptions): batch min..max (the UNet runs twice the batch with classifier-free guidance, the cond stage
 from 1: prompts are encoded one at a time), image height and width min..max pixels (multiples of the model's
 size multiple), latents those over the latent factor. The graphs' dynamic axes are named (export/graphs.py:
-batch, height/width for latents, image_height/image_width and map_height/map_width at image resolution);
+batch, height/width for latents, image_height/image_width and map_height/map_width at image resolution,
+context_length for the UNet's context of a CLIP model: one window opt, MAX_CONTEXT_WINDOWS max);
 every other axis is fixed in the ONNX graph. TensorRT tunes kernels for the `opt` shapes; a request outside
 min..max is refused by the backend with the flags to rebuild with.
 
@@ -25,7 +26,9 @@ A cache TensorRT refuses (another version or GPU) is replaced by a fresh one.
 
 Refit. With `refit`, engines are built refittable: `refit_engine(plan, onnx)` (or TensorRTBackend.refit)
 swaps in the weights of the same graph exported from another checkpoint, in the engine's precision, in
-seconds instead of a rebuild.
+seconds instead of a rebuild. Such engines also hold `<graph>.lora.safetensors`, the exported values of the
+UNet's and text encoder's weights, from which TensorRTBackend.set_weight_deltas refits LoRAs (Engine.set_loras)
+and the base weights back.
 
 Nothing here has run with TensorRT yet (no GPU with TensorRT was available): the profile computation, the
 option checks and the calls into TensorRT's documented Python API (against a stand-in) are tested.
@@ -43,11 +46,13 @@ from ldmrt.errors import EngineError
 from ldmrt.files import atomic_write, cache_root, sha256
 from ldmrt.manifest import MANIFEST, write_manifest
 
+from .graphs import COND_STAGE_GRAPHS, MAX_CONTEXT_WINDOWS
 from .trt import fingerprint, import_tensorrt, refit, require_cuda, trt_logger
 
 BATCH_AXES = ("batch",)
 LATENT_AXES = ("height", "width")
 IMAGE_AXES = ("image_height", "image_width", "map_height", "map_width")
+CONTEXT_AXES = ("context_length",)  # the UNet's context of a long-prompt model: 1..MAX_CONTEXT_WINDOWS windows
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class Ranges:
     latent_factor: int
     guidance: bool  # the UNet may run the doubled [uncond; cond] batch
     text: bool  # the cond stage encodes one prompt at a time
+    context: tuple[int, int, int] | None = None  # the UNet's context length (long prompts): opt one window
 
 
 def resolve_ranges(options: BuildOptions, summary: dict) -> Ranges:
@@ -105,8 +111,10 @@ def resolve_ranges(options: BuildOptions, summary: dict) -> Ranges:
     if bad:
         raise ValueError(f"image sizes must be multiples of {multiple} for this model (latent factor "
                          f"{summary['latent_factor']} times the UNet's downsampling); {bad[0]} is not")
+    window = summary.get("context_window") if summary.get("long_prompts") else None
+    context = (window, window, window * MAX_CONTEXT_WINDOWS) if window else None
     return Ranges(batch, size, summary["latent_factor"], summary["unconditional_input"],
-                  summary["conditioning"] == "text")
+                  summary["conditioning"] in ("text", "text_inpainting"), context)
 
 
 def _given(value, default):
@@ -118,7 +126,7 @@ def graph_batch(graph: str, r: Ranges) -> tuple[int, int, int]:
     g = 2 if r.guidance else 1
     if graph in ("unet", "unet_shallow"):
         return lo, g * opt, g * hi
-    if graph == "cond_stage":
+    if graph in COND_STAGE_GRAPHS:
         return 1, 1 if r.text else g * opt, g * hi
     return r.batch  # decoder, encoder: the images themselves
 
@@ -145,9 +153,11 @@ def graph_profiles(graph_inputs: dict[str, list[dict]], r: Ranges) -> dict[str, 
                     dims.append(latent)
                 elif d in IMAGE_AXES:
                     dims.append(r.size)
+                elif d in CONTEXT_AXES and r.context:
+                    dims.append(r.context)
                 else:
                     raise ValueError(f"{graph} input {desc['name']} has an axis {d!r} with no size range "
-                                     f"(known dynamic axes: {BATCH_AXES + LATENT_AXES + IMAGE_AXES})")
+                                     f"(known dynamic axes: {BATCH_AXES + LATENT_AXES + IMAGE_AXES + CONTEXT_AXES})")
             profile[desc["name"]] = {k: [dim[i] for dim in dims] for i, k in enumerate(("min", "opt", "max"))}
         profiles[graph] = profile
     return profiles
@@ -265,12 +275,42 @@ def export_tensorrt(model, out_dir, *, summary: dict, fp16: bool = False, option
             graphs[name] = {"file": plan.name, "inputs": desc["inputs"], "outputs": desc["outputs"],
                             "precision": "bf16" if precision == "bf16" else desc["precision"],
                             "profile": profiles[name], "refittable": options.refit}
+            if options.refit:
+                graphs[name].update(save_lora_weights(Path(scratch) / desc["file"], out_dir / f"{name}.lora.safetensors"))
             if progress:
                 progress(f"ldmrt build: TensorRT {name} ({graphs[name]['precision']}) in "
                          f"{time.perf_counter() - t0:.1f} s")
     shapes = {"batch": list(ranges.batch), "size": list(ranges.size), "size_multiple": summary["size_multiple"],
-              "unet_batch": list(graph_batch("unet", ranges))}
+              "unet_batch": list(graph_batch("unet", ranges)),
+              **({"max_context_windows": MAX_CONTEXT_WINDOWS} if ranges.context else {})}
     return precision, graphs, fp, shapes
+
+
+# The weights a LoRA can change (ldmrt/lora.py: the UNet's and the text encoder's).
+LORA_PREFIXES = ("model.diffusion_model.", "cond_stage_model.")
+
+
+def save_lora_weights(onnx_path: Path, out: Path) -> dict:
+    """For refittable engines: the exported values of the graph's LoRA-targetable weights, by initializer name (what
+    TensorRT's ONNX parser names the engine's weights), in `out`, since a refitter cannot read an engine's weights
+    back and a switch back to the base must set them. Returns the manifest entries: "lora_weights" (the file, or
+    None when the graph has none of these weights) and "weight_names" ({torch weight name: [initializer,
+    transposed]})."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import save_file
+
+    from .weight_names import weight_initializers
+    proto = onnx.load(str(onnx_path))
+    weights = {name: w for name, w in weight_initializers(proto.graph).items() if name.startswith(LORA_PREFIXES)}
+    if not weights:
+        return {"lora_weights": None, "weight_names": {}}
+    wanted = {w.initializer for w in weights.values()}
+    arrays = {t.name: numpy_helper.to_array(t, base_dir=str(onnx_path.parent)) for t in proto.graph.initializer
+              if t.name in wanted}
+    atomic_write(out, lambda path: save_file(arrays, str(path)))
+    return {"lora_weights": out.name,
+            "weight_names": {name: [w.initializer, w.transposed] for name, w in weights.items()}}
 
 
 def refit_engine(engine_path, onnx_path) -> Path:

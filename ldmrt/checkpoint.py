@@ -5,6 +5,7 @@ naming the missing, unexpected and mis-shaped keys, never a half-loaded model.
 """
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import zipfile
@@ -201,6 +202,8 @@ def load_model(model_or_config=None, ckpt=None, *, random_weights: bool = False,
     if model_or_config is None:
         raise ValueError("no model: pass a preset name, a config.yaml or a config dict")
     cfg = load_config(model_or_config)
+    if sd is not None:
+        cfg = inpainting_config_for(cfg, sd)
 
     # Networks are built on the meta device first: their size is checked before anything is allocated, and a
     # checkpoint's tensors are then taken as they are (no random init, no second copy of the weights).
@@ -222,6 +225,31 @@ def load_model(model_or_config=None, ckpt=None, *, random_weights: bool = False,
     model.ldmrt_config = cfg  # the config it was built from: engines record it
     _attach_tokenizer(model, tokenizer, ckpt)
     return model
+
+
+def inpainting_config_for(cfg: dict, sd: dict) -> dict:
+    """`cfg`, or its SD inpainting variant (sd-v1-inpainting) when `sd` holds an SD inpainting UNet (a 9-channel
+    conv_in: latent + mask + masked-image latent) and `cfg` is the text-to-image SD model (`--model sd-v1`); the
+    reverse (a text-to-image checkpoint with the inpainting config) is refused naming the model to use."""
+    conv_in = sd.get("model.diffusion_model.input_blocks.0.0.weight")
+    p = cfg.get("params", {})
+    unet = p.get("unet_config", {}).get("params", {})
+    latent = p.get("first_stage_config", {}).get("params", {}).get("embed_dim")
+    cond = p.get("cond_stage_config")
+    clip = isinstance(cond, dict) and str(cond.get("target", "")).endswith("FrozenCLIPEmbedder")
+    if conv_in is None or conv_in.dim() != 4 or not clip or latent is None:
+        return cfg
+    channels, key = conv_in.shape[1], p.get("conditioning_key")
+    if key == "hybrid" and channels == latent:
+        raise CheckpointError("this checkpoint's UNet takes the latent alone (a text-to-image SD model), the config "
+                              "is SD inpainting's: use --model sd-v1 (model='sd-v1') for it")
+    if key not in (None, "crossattn") or unet.get("in_channels") != latent or channels != 2 * latent + 1:
+        return cfg
+    inpainting = copy.deepcopy(cfg)
+    inpainting["target"] = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
+    inpainting["params"]["conditioning_key"] = "hybrid"
+    inpainting["params"]["unet_config"]["params"]["in_channels"] = channels
+    return inpainting
 
 
 def tokenizer_spec(model) -> tuple[str, int] | None:

@@ -50,12 +50,35 @@ def cmd_generate(args) -> int:
                              height=args.height, width=args.width, batch_size=args.batch_size,
                              init_image=args.init_image, strength=args.strength, mask=args.mask,
                              class_label=args.class_label, low_res_image=args.low_res_image,
-                             timestep_spacing=args.timestep_spacing, progress=not args.quiet,
-                             **fast_settings(args))
+                             layout=args.layout, segmentation=args.segmentation, clip_skip=args.clip_skip,
+                             embeddings=args.embedding,
+                             timestep_spacing=args.timestep_spacing, progress=not args.quiet, loras=args.lora,
+                             **fast_settings(args), **size_settings(args))
     t2 = time.perf_counter()
     paths = write_images(images, out, args.argv)
     print(f"ldmrt generate: wrote {', '.join(map(str, paths))} ({images[0].width}x{images[0].height}, {args.steps} "
           f"{args.sampler} steps) in {t2 - t1:.1f} s (+{t1 - t0:.1f} s loading {engine.path})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serve.app import serve
+    except ImportError as e:
+        raise LdmrtError(f"ldmrt serve needs the serve extra ({e}): pip install 'ldmrt[serve]'") from None
+    app_options = dict(batching=not args.one_at_a_time, max_batch=args.max_batch, max_queue=args.max_queue,
+                       timeout_s=args.timeout, drain_s=args.drain)
+    if not args.ray:
+        serve(args.engine, host=args.host, port=args.port, **app_options)
+        return 0
+    try:
+        from .serve.ray_serve import run
+    except ImportError as e:
+        raise LdmrtError(f"ldmrt serve --ray needs Ray Serve ({e}): pip install 'ray[serve]'") from None
+    from .engine import Engine
+    engine_dir = str(Engine.load(args.engine).path.resolve())  # checked here, before any replica starts
+    run(engine_dir, host=args.host, port=args.port, address=args.ray_address, replicas=args.replicas,
+        min_replicas=args.min_replicas, max_replicas=args.max_replicas, num_gpus=args.num_gpus, **app_options)
     return 0
 
 
@@ -89,6 +112,16 @@ def fast_settings(args) -> dict:
     return settings
 
 
+def size_settings(args) -> dict:
+    """--tiled-vae / --no-tiled-vae (default: tiles only when the whole first stage would not fit), --hires."""
+    settings = {"tiled_decode": args.tiled_vae}
+    if args.hires is not None:
+        settings["hires"] = args.hires
+    if args.hires_strength is not None:
+        settings["hires_strength"] = args.hires_strength
+    return settings
+
+
 def write_images(images, out: Path, argv) -> list[Path]:
     """out.png, out-1.png, ...: each with its parameters and the command that made it."""
     from .images import write_png
@@ -111,6 +144,18 @@ def seed(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"{value} is outside 0..2^64-1")
     return value
+
+
+def image_size(text: str):
+    """SIZE or WIDTHxHEIGHT -> an int or (height, width)."""
+    try:
+        if "x" in text:
+            width, height = (int(v) for v in text.split("x"))
+            return height, width
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give SIZE or WIDTHxHEIGHT, e.g. 256 or 384x256") \
+            from None
 
 
 def add_tensorrt_arguments(parser) -> None:
@@ -182,8 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="weights for --model")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--timestep-spacing", default="uniform", choices=SPACINGS)
+    # Names are checked by ldmrt.schedulers (exit 2 naming the known ones), so AUTOMATIC1111's are accepted too.
+    p.add_argument("--sampler", default=None, metavar="NAME",
+                   help=f"default: the engine's (a diffusers folder's scheduler, else ddim); ldmrt's: "
+                        f"{', '.join(SAMPLERS)}; or AUTOMATIC1111's, e.g. 'DPM++ 2M Karras', 'Euler a'")
+    p.add_argument("--timestep-spacing", "--scheduler", default=None, metavar="GRID",
+                   help=f"{', '.join(SPACINGS)}, or an AUTOMATIC1111 scheduler name (Karras, SGM Uniform, ...); "
+                        f"default: the sampler's")
     p.add_argument("--device", help="torch engines: cpu or cuda[:i] (default: CUDA when available)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (default 5 where the model supports it)")
@@ -193,11 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--negative-prompt", default="")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA (kohya or diffusers .safetensors) at STRENGTH (default 1.0); repeatable; "
+                        "no rebuild (torch, onnxruntime, openvino engines; tensorrt built with --refit)")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="CLIP models: condition on the N-th layer from the last (1: the last; AUTOMATIC1111's "
+                        "numbering, diffusers' clip_skip + 1)")
+    p.add_argument("--embedding", action="append", metavar="FILE",
+                   help="CLIP models: a textual-inversion embedding (AUTOMATIC1111 .pt/.safetensors, diffusers "
+                        "learned_embeds); its trigger word (the file's stem, or diffusers' token) in the prompt "
+                        "uses it. Repeatable")
     p.add_argument("--init-image", help="image for img2img / inpainting")
     p.add_argument("--strength", type=float, default=0.75)
     p.add_argument("--mask", help="mask image for inpainting (white = repaint)")
     p.add_argument("--class-label", type=int)
     p.add_argument("--low-res-image", help="input of super-resolution models")
+    p.add_argument("--layout", help='layout-to-image models: a JSON file of [{"class": NAME_OR_ID, "box": [x0, y0, '
+                   'x1, y1]}, ...], coordinates in [0, 1] from the top left')
+    p.add_argument("--segmentation", help="semantic-synthesis models: a PNG of class indices (mode L, P or I)")
     p.add_argument("--cache", type=int, metavar="N", help="feature caching (DeepCache): the full UNet every N-th "
                    "step, its shallow branch between (approximate: README 'Doing less per image')")
     p.add_argument("--cache-schedule", choices=("uniform", "quadratic"), help="where --cache puts its full steps: "
@@ -206,9 +269,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance only on the steps in [FROM, UNTIL) (fractions of the steps); one conditional "
                    "UNet call elsewhere (approximate)")
     p.add_argument("--fast", action="store_true", help="the measured fast preset of --cache and --guidance-interval")
+    p.add_argument("--tiled-vae", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode (and encode --init-image) in overlapping tiles; default: only when the whole would "
+                   "not fit in memory")
+    p.add_argument("--hires", type=image_size, metavar="SIZE",
+                   help="hires fix: generate at --height/--width (default the model's size), upscale to SIZE "
+                   "(or WIDTHxHEIGHT) and refine there by img2img")
+    p.add_argument("--hires-strength", type=float, metavar="S",
+                   help="img2img strength of the --hires pass (default 0.3, measured: README 'Beyond the training "
+                   "size')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an HTTP server over an engine: step-batched, its own and AUTOMATIC1111's API")
+    p.add_argument("--engine", required=True, help="the engine folder to serve")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-batch", type=int, default=16, help="samples per UNet call (a guided image counts 2)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; past it 503")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take before 504")
+    p.add_argument("--drain", type=float, default=30.0, help="on SIGTERM, seconds in-flight requests may finish in")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="no step batching: one request at a time (the baseline of benchmarks/serve_load.py)")
+    ray = p.add_argument_group("Ray Serve (--ray): one engine per replica")
+    ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of one uvicorn process")
+    ray.add_argument("--ray-address", help="a Ray cluster to join (e.g. auto, ray://head:10001); default: start one")
+    ray.add_argument("--replicas", type=int, help="a fixed number of replicas (default 1)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling: at least this many replicas")
+    ray.add_argument("--max-replicas", type=int, help="autoscaling: at most this many replicas")
+    ray.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (e.g. 1, or 0.5 to share one)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the README's main job: build the shipped model's engine, generate an image")
     p.add_argument("prompt", nargs="?")

@@ -22,6 +22,7 @@ ASSET_DIR = Path(__file__).with_name("assets")  # models that ship with their we
 TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion": "ldmrt.models.ldm:LatentDiffusion",
     "ldm.models.diffusion.ddpm.Layout2ImgDiffusion": "ldmrt.models.ldm:LatentDiffusion",
+    "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": "ldmrt.models.ldm:LatentInpaintDiffusion",
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": "ldmrt.models.unet:UNetModel",
     "ldm.models.autoencoder.AutoencoderKL": "ldmrt.models.autoencoder:AutoencoderKL",
     "ldm.models.autoencoder.VQModel": "ldmrt.models.autoencoder:VQModel",

@@ -90,9 +90,13 @@ def convert_diffusers_folder(path: str | Path) -> tuple[dict[str, torch.Tensor],
     if unet_params["context_dim"] != text_cfg["hidden_size"]:
         raise ValueError(f"inconsistent folder: unet cross_attention_dim {unet_params['context_dim']} != "
                          f"text encoder hidden_size {text_cfg['hidden_size']}")
-    if unet_params["in_channels"] != vae_cfg["latent_channels"]:
+    # SD inpainting UNets (StableDiffusionInpaintPipeline) take [latent, mask, masked-image latent]: RunwayML's
+    # LatentInpaintDiffusion. Other widths (depth, instruct-pix2pix) are other models.
+    inpainting = unet_params["in_channels"] == 2 * vae_cfg["latent_channels"] + 1
+    if unet_params["in_channels"] != vae_cfg["latent_channels"] and not inpainting:
         raise ValueError(f"unsupported: unet in_channels={unet_params['in_channels']} but "
-                         f"{vae_cfg['latent_channels']} latent channels (inpainting/depth UNets are not SD v1)")
+                         f"{vae_cfg['latent_channels']} latent channels (SD v1 has {vae_cfg['latent_channels']}, its "
+                         f"inpainting UNet {2 * vae_cfg['latent_channels'] + 1}; depth UNets are not SD v1)")
 
     unet = convert_unet_state_dict(_load_weights(root / "unet", WEIGHT_FILES["unet"]), unet_cfg)
     vae = convert_vae_state_dict(_load_weights(root / "vae", WEIGHT_FILES["vae"]), vae_cfg)
@@ -102,7 +106,7 @@ def convert_diffusers_folder(path: str | Path) -> tuple[dict[str, torch.Tensor],
     state.update({"cond_stage_model.transformer." + key: value for key, value in text.items()})
 
     model_config = {
-        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "target": "ldm.models.diffusion.ddpm." + ("LatentInpaintDiffusion" if inpainting else "LatentDiffusion"),
         "params": {
             **scheduler_config(sched_cfg),
             "num_timesteps_cond": 1,
@@ -111,7 +115,7 @@ def convert_diffusers_folder(path: str | Path) -> tuple[dict[str, torch.Tensor],
             "image_size": unet_params["image_size"],
             "channels": vae_params["embed_dim"],
             "cond_stage_trainable": False,
-            "conditioning_key": "crossattn",
+            "conditioning_key": "hybrid" if inpainting else "crossattn",
             "scale_factor": vae_cfg.get("scaling_factor", 0.18215),
             "use_ema": False,
             "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
@@ -120,6 +124,8 @@ def convert_diffusers_folder(path: str | Path) -> tuple[dict[str, torch.Tensor],
                                   "params": text_params},
         },
     }
+    # The folder's scheduler, as saved (with its _class_name): the engine's default sampler (ldmrt.schedulers).
+    model_config["scheduler"] = sched_cfg
     return state, model_config
 
 

@@ -40,3 +40,7 @@ class OutputError(LdmrtError, OSError):
 
 class NumericalError(LdmrtError, RuntimeError):
     """NaN or inf appeared while sampling: the image would be garbage."""
+
+
+class BusyError(LdmrtError, RuntimeError):
+    """A server that cannot take the request now (queue full, shutting down): retry later or elsewhere."""

@@ -1,8 +1,9 @@
 """Images in and out: decoding the inputs of generate (each once per call), and PNGs with their parameters.
 
 Inputs (init_image, mask, low_res_image) are a path, a PIL image, an (H, W, 3) array or a (B, 3, H, W)
-tensor in [-1, 1]. A path is opened through PIL with a pixel limit (MAX_INPUT_PIXELS, far below PIL's own
-decompression-bomb limit), so a hostile file is refused before it is decoded.
+tensor in [-1, 1]; segmentation maps a path, a PIL image of class indices or an integer (H, W) array. A path
+is opened through PIL with a pixel limit (MAX_INPUT_PIXELS, far below PIL's own decompression-bomb limit), so a
+hostile file is refused before it is decoded.
 
 Every PNG ldmrt writes, from the CLI, `ldmrt demo` or Python (`write_png(image, path)` on an image that
 `Engine.generate` returned), carries the same text chunks: `parameters` (JSON: the prompt and every setting of
@@ -76,6 +77,30 @@ def mask_tensor(mask) -> torch.Tensor:
     while m.dim() < 4:
         m = m[None]
     return m
+
+
+def segmentation_tensor(segmentation, classes: int) -> torch.Tensor:
+    """A map of class indices (a PNG of mode L, P or I, or an integer (H, W) / (B, H, W) array) -> (1 or B, 1, H, W)
+    int64 at its own size, every index checked to be in 0..classes-1."""
+    if isinstance(segmentation, (str, os.PathLike)):
+        segmentation = open_image(segmentation)
+    if hasattr(segmentation, "convert"):  # PIL: the pixel values are the indices (a palette's too), never colours
+        if segmentation.mode not in ("L", "P", "I", "I;16"):
+            raise InputError(f"a segmentation map is an image of class indices (PNG mode L, P or I), not mode "
+                             f"{segmentation.mode}: save the label map itself, not a coloured rendering of it")
+        segmentation = np.array(segmentation)
+    s = torch.as_tensor(np.asarray(segmentation))
+    if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
+        raise InputError(f"a segmentation map holds integer class indices, not {s.dtype}: pass e.g. "
+                         "array.astype(np.int64)")
+    if s.dim() not in (2, 3) or min(s.shape) < 1:
+        raise InputError(f"a segmentation map must be (H, W) or (B, H, W) class indices, got shape {tuple(s.shape)}")
+    low, high = int(s.min()), int(s.max())
+    if low < 0 or high >= classes:
+        raise InputError(f"segmentation map has class index {high if high >= classes else low}; this model knows "
+                         f"{classes} classes (0..{classes - 1}): remap the labels (e.g. 255 'unlabeled' has no class)")
+    s = s.long()
+    return (s[None] if s.dim() == 2 else s)[:, None]
 
 
 def resized(t: torch.Tensor, height: int, width: int, batch: int, *, binary: bool = False) -> torch.Tensor:

@@ -6,6 +6,7 @@
       <graph files>      written by the backend's export (ldmrt/backends/*.py): .onnx, .plan, .pt2, or
                          model.safetensors + config.yaml
       tokenizer/         the tokenizer's standard files (vocab.txt, or vocab.json + merges.txt)
+      token_embedding.safetensors   CLIP engines: the token table, for prompts with textual-inversion embeddings
 
 An engine folder is a closed world. Every path in the manifest is relative, normalised, inside the folder,
 reached through no symlink, names a regular file and is listed in "files" with its size and sha256; those are
@@ -36,7 +37,7 @@ FORMAT_VERSION = 2  # 2: summary.unconditional_input; every path checked to stay
 MANIFEST = "manifest.json"
 BUILDING = ".building."  # temporary build folders: .NAME.building.XXXX, holding BUILD_MARKER
 BUILD_MARKER = ".ldmrt-build"
-CONDITIONING = {"none", "text", "class", "low_res_image", "inpainting", "segmentation", "tokens"}
+CONDITIONING = {"none", "text", "class", "low_res_image", "inpainting", "segmentation", "tokens", "text_inpainting"}
 PRECISIONS = ("fp32", "fp16", "bf16")
 RUNTIME_CACHES = {"trt_cache"}  # written at run time by ONNX Runtime's TensorRT provider (backends/onnxruntime.py)
 
@@ -54,6 +55,8 @@ def model_summary(model, cfg: dict) -> dict:
             "SpatialRescaler": "segmentation", "TransformerEmbedder": "tokens"}[cond_target]
     if kind == "text" and cond_target == "BERTEmbedder" and not cond_cfg.get("params", {}).get("use_tokenizer", True):
         kind = "tokens"  # layout2img: token ids of bounding boxes, no text
+    if kind == "text" and model.conditioning_key == "hybrid":
+        kind = "text_inpainting"  # SD inpainting: the prompt, and [mask, masked-image latent] concatenated
     summary = {
         "conditioning": kind,
         "conditioning_key": model.conditioning_key,
@@ -71,15 +74,29 @@ def model_summary(model, cfg: dict) -> dict:
         # CompVis's cin256-v2 has one more class than ImageNet: label 1000 is its null class.
         uncond_class = 1000 if n > 1000 else None
         summary.update(num_classes=n, uncond_class=uncond_class)
+    elif kind == "segmentation":  # SpatialRescaler: a one-hot map of in_channels classes, downsampled to the latent
+        cp = cond_cfg.get("params", {})
+        summary.update(segmentation_classes=int(cp.get("in_channels", 3)),
+                       segmentation_factor=round(cp.get("multiplier", 0.5) ** -cp.get("n_stages", 1)))
+    elif kind == "tokens":  # layout2img: bounding-box tokens (ldmrt/layout.py), vocab_size ids, max_seq_len of them
+        cp = cond_cfg.get("params", {})
+        summary.update(layout_vocab=int(cp.get("vocab_size", 30522)), layout_length=int(cp.get("max_seq_len", 77)))
+    elif kind in ("text", "text_inpainting"):
+        from .models.conditioners import long_prompt_window
+        window = long_prompt_window(model.cond_stage_model)
+        if window:  # CLIP: prompts of any length as windows of this many tokens, and the layers CLIP skip takes
+            summary.update(long_prompts=True, context_window=window,
+                           clip_layers=len(model.cond_stage_model.transformer.text_model.encoder.layers))
     # Classifier-free guidance needs an unconditional input: text models (the "" prompt), class models with
     # a null class.
-    summary["unconditional_input"] = kind == "text" or uncond_class is not None
+    summary["unconditional_input"] = kind in ("text", "text_inpainting") or uncond_class is not None
     summary["memory"] = memory_profile(cfg)  # the constants of the request estimate (ldmrt/memory.py)
     return summary
 
 
 def new_manifest(folder: Path, *, backend: str, precision: str, model_name, cfg: dict, summary: dict,
-                 tokenizer: dict | None, graphs: dict, shapes: dict | None, device: dict) -> dict:
+                 tokenizer: dict | None, graphs: dict, shapes: dict | None, device: dict,
+                 default_sampler: dict | None = None) -> dict:
     """The manifest of a finished build in `folder`, listing (and hashing) every file in it."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != BUILD_MARKER)
     from .machine import library_versions
@@ -96,6 +113,8 @@ def new_manifest(folder: Path, *, backend: str, precision: str, model_name, cfg:
         "files": {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files},
         "built_with": library_versions(),
         "device": device,
+        # The sampler a request without one runs (ldmrt.schedulers: a diffusers folder's scheduler), or null.
+        "default_sampler": default_sampler,
     }
 
 
@@ -334,16 +353,33 @@ def _files(v):
             return problem
 
 
+def _dimension(v):
+    return None if isinstance(v, str) and v or isinstance(v, int) and not isinstance(v, bool) and v >= 0 else \
+        "must be a size or a dimension's name"
+
+
+def _value(v):
+    """A graph's input or output: its name (AOTInductor, TensorRT), or name, dtype and shape (ONNX)."""
+    if isinstance(v, str):
+        return None if v else "must be a name"
+    return _fields({"name": _str(pattern=re.compile(r".+")), "dtype": _str(pattern=re.compile(r"[a-z0-9]+")),
+                    "shape": _list_of(_dimension)}, v, "the value")
+
+
+# What each graph records: its file, its values (the backends look inputs up by name) and how it was made.
+GRAPH = {"file": _str()}
+GRAPH_OPTIONAL = {"inputs": _list_of(_value, 1), "outputs": _list_of(_value, 1), "precision": _str(set(PRECISIONS)), "opset": _int(1, 1000), "external_data": _optional(_str()),
+                  "fusions": _list_of(_str()), "fused_for": _optional(_str()), "attention": _str()}
+
+
 def _graphs(v):
     if not isinstance(v, dict) or not v:
-        return "must be an object of {graph: {file, ...}}"
+        return "must be an object of {graph: {file, inputs, outputs, ...}}"
     for name, g in v.items():
-        problem = _fields({"file": _str()}, g, f"graphs.{name}")
+        where = f"manifest.graphs.{name}"  # schema_problem says it without "manifest."
+        problem = _fields(GRAPH, g, where) or _fields(GRAPH_OPTIONAL, g, where, required=False)
         if problem:
             return problem
-        for key in ("inputs", "outputs"):
-            if key in g and not isinstance(g[key], list):
-                return f"graphs.{name}.{key} must be a list"
 
 
 def schema_problem(m: dict) -> str | None:
@@ -355,11 +391,15 @@ def schema_problem(m: dict) -> str | None:
     problem = _fields(top, m, "manifest")
     if problem:
         return problem.removeprefix("manifest.")
+    if m.get("default_sampler") is not None:  # optional: engines of older builds have none
+        problem = _fields({"sampler": _str(), "timestep_spacing": _str()}, m["default_sampler"], "default_sampler")
+        if problem:
+            return problem
     problem = (_fields({"config": _of(dict, "an object"), "name": _optional(_str())}, m["model"], "model")
                or _fields(SUMMARY, m["model"].get("summary"), "model.summary")
                or _fields({"type": _str({"cpu", "cuda"})}, m["device"], "device")
                or _fields({"size_multiple": _int(1, 4096), "batch": _list_of(_optional(_int(1)), 2),
-                           "max_size": _int(1)}, m["shapes"], "shapes", required=False))
+                           "max_size": _int(1), "max_context_windows": _int(1)}, m["shapes"], "shapes", required=False))
     if problem:
         return problem
     s = m["model"]["summary"]
@@ -370,6 +410,14 @@ def schema_problem(m: dict) -> str | None:
                           s, "model.summary")
         if problem:
             return problem
+    extra = {"segmentation": {"segmentation_classes": _int(1, 1 << 16), "segmentation_factor": _int(1, 64)},
+             "tokens": {"layout_vocab": _int(2, 1 << 20), "layout_length": _int(2, 4096)}}.get(s["conditioning"])
+    if "long_prompts" in s:  # CLIP: the UNet's context is k windows of this many tokens (ldmrt/prompts.py)
+        extra = {"long_prompts": _of(bool, "true or false"), "context_window": _int(1, 4096),
+                 "clip_layers": _int(1, 4096)}
+    problem = extra and _fields(extra, s, "model.summary")
+    if problem:
+        return problem
     if s["size_multiple"] % s["latent_factor"]:
         return "model.summary.size_multiple must be a multiple of latent_factor"
     if m["tokenizer"] is not None:
@@ -378,7 +426,7 @@ def schema_problem(m: dict) -> str | None:
         if problem:
             return problem
     for name, g in m["graphs"].items():
-        for key in ("file", "config", "external_data"):
+        for key in ("file", "config", "external_data", "lora_weights"):
             if g.get(key) is None:
                 continue
             if not isinstance(g[key], str):
@@ -388,6 +436,9 @@ def schema_problem(m: dict) -> str | None:
     for f in (m["tokenizer"] or {}).get("files", []):
         if f not in m["files"]:
             return f"tokenizer.files names {f!r}, which 'files' does not list"
+    table = (m["tokenizer"] or {}).get("token_embedding")  # CLIP's token table (textual inversion)
+    if table is not None and (not isinstance(table, str) or table not in m["files"]):
+        return f"tokenizer.token_embedding names {table!r}, which 'files' does not list"
     return None
 
 

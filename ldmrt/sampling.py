@@ -15,6 +15,8 @@ Latent conventions: the latent is always the variance-preserving x_t the eps-mod
 x / sqrt(sigma^2 + 1)). x_T is unit Gaussian noise: CompVis samplers start from it as is, the k-diffusion ones
 from sigma_max * x_T in their own variables, exactly as k-diffusion does.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from . import _C
@@ -106,12 +108,66 @@ def sample(eps_fn, x_T, *, sampler, steps, alphas_cumprod, eta=None, timestep_sp
 
 def run(plan, eps_fn, x_T, *, guidance_scale=None, x0=None, mask=None, seed=0, noise_fn=None):
     """Run a compiled plan (see `sample`)."""
+    latent, wrap, x0_np, mask_np, noise = _loop_arguments(plan, x_T, guidance_scale, x0, mask, noise_fn)
+
+    def model(x, t):
+        eps = _to_numpy(eps_fn(wrap(x), t), latent.dtype)
+        if eps.shape != x.shape:
+            raise ValueError(f"the model returned shape {eps.shape} for an input of shape {x.shape}")
+        return eps
+
+    _C.run_plan(plan, latent, model, x0=x0_np, mask=mask_np, guidance_scale=guidance_scale, seed=int(seed),
+                noise_fn=noise)
+    return wrap(latent)
+
+
+class Evaluation(NamedTuple):
+    """The model evaluation a stepper's current stage needs: eps = model(x, t) with `x` (the doubled batch
+    [x; x] = [uncond; cond] when `guided`), on the UNet's shallow branch when `shallow` (DeepCache)."""
+    x: object  # the loop's buffer (numpy, or a CPU tensor sharing it): read it, do not keep or change it
+    t: float
+    guided: bool
+    shallow: bool
+
+
+class Stepper:
+    """One request's plan run step by step by its caller, the same loop as `run` (ldmrt::Stepper): `next()` names
+    the evaluation the current stage needs, `apply(eps)` makes its update. A server evaluates the `next()` of
+    several steppers (different plans, stages, guidance scales) in one batched model call and hands each its
+    slice of the output. Same arguments as `run`, without the model; `latent` is x_T's type."""
+
+    def __init__(self, plan, x_T, *, guidance_scale=None, x0=None, mask=None, seed=0, noise_fn=None):
+        self.plan = plan
+        latent, self._wrap, x0_np, mask_np, noise = _loop_arguments(plan, x_T, guidance_scale, x0, mask, noise_fn)
+        self._dtype = latent.dtype
+        self._stepper = _C.stepper(plan, latent, x0=x0_np, mask=mask_np, guidance_scale=guidance_scale,
+                                   seed=int(seed), noise_fn=noise)
+        self.latent = self._wrap(latent)  # updated in place
+
+    @property
+    def done(self) -> bool:
+        return self._stepper.done
+
+    @property
+    def stage(self) -> int:
+        """Stages applied so far (the index of the next one in plan.stages)."""
+        return self._stepper.stage
+
+    def next(self) -> Evaluation:
+        x, t, guided, shallow = self._stepper.next()
+        return Evaluation(self._wrap(x), t, guided, shallow)
+
+    def apply(self, eps):
+        self._stepper.apply(_to_numpy(eps, self._dtype))
+
+
+def _loop_arguments(plan, x_T, guidance_scale, x0, mask, noise_fn):
+    """(latent numpy copy of x_T, wrap: numpy -> x_T's kind, x0, mask, noise_fn) as the C++ loop takes them."""
     torch = _torch_if_tensor(x_T)
     if torch is not None:
         if x_T.device.type != "cpu":
             raise ValueError(f"x_T must be a CPU tensor for the CPU loop, got device {x_T.device}")
-        latent_t = x_T.detach().to(memory_format=torch.contiguous_format).clone()
-        latent = latent_t.numpy()  # shares memory with latent_t
+        latent = x_T.detach().to(memory_format=torch.contiguous_format).clone().numpy()
     else:
         latent = np.array(x_T, order="C", copy=True)
     if latent.dtype not in (np.float32, np.float64):
@@ -121,19 +177,9 @@ def run(plan, eps_fn, x_T, *, guidance_scale=None, x0=None, mask=None, seed=0, n
     mask_np = None if mask is None else _as_array(mask, dtype, latent.shape, "mask", broadcast=True)
     if guidance_scale is not None and latent.ndim == 0:
         raise ValueError("guidance needs a batch dimension on x_T")
-
     wrap = torch.from_numpy if torch is not None else (lambda x: x)
-
-    def model(x, t):
-        eps = _to_numpy(eps_fn(wrap(x), t), dtype)
-        if eps.shape != x.shape:
-            raise ValueError(f"the model returned shape {eps.shape} for an input of shape {x.shape}")
-        return eps
-
     noise = None if noise_fn is None else (lambda draw: _as_array(noise_fn(draw), dtype, latent.shape, "noise"))
-    _C.run_plan(plan, latent, model, x0=x0_np, mask=mask_np, guidance_scale=guidance_scale, seed=int(seed),
-                noise_fn=noise)
-    return latent_t if torch is not None else latent
+    return latent, wrap, x0_np, mask_np, noise
 
 
 def _torch_if_tensor(x):

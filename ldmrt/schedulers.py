@@ -199,3 +199,23 @@ def plan_arguments(choice: dict, alphas_cumprod) -> dict:
     if out.get("final_alpha_cumprod") == FIRST_ALPHA:
         out["final_alpha_cumprod"] = float(alphas_cumprod[0])
     return out
+
+
+# CompVis' DDIM on CompVis' grid: what an engine runs when neither the request nor the engine names a sampler.
+BUILTIN_DEFAULT = {"sampler": "ddim", "timestep_spacing": "uniform"}
+
+
+def choose(default: dict | None, sampler: str | None = None, timestep_spacing: str | None = None) -> dict:
+    """The sampler settings of a request: with no sampler named, the engine's default (a diffusers folder's
+    scheduler, else BUILTIN_DEFAULT); a named sampler (ldmrt's, on CompVis' grid unless told, or AUTOMATIC1111's,
+    on its grid); timestep_spacing (an ldmrt grid or an AUTOMATIC1111 scheduler name) over either."""
+    if timestep_spacing is not None and not isinstance(timestep_spacing, str):
+        raise InputError(f"timestep_spacing must be a name, not {timestep_spacing!r}")
+    if sampler is None:
+        choice = dict(default or BUILTIN_DEFAULT)
+        if timestep_spacing is not None:
+            choice.update(resolve(choice["sampler"], timestep_spacing), sampler=choice["sampler"])
+    else:
+        choice = resolve(sampler, timestep_spacing)
+    choice.setdefault("timestep_spacing", "uniform")
+    return choice

@@ -75,15 +75,17 @@ def _randomize(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def tiny_sd_components(vocab_size: int = 99, bos: int = 0, eos: int = 2, pad: int = 1, max_positions: int = 12):
-    """diffusers' UNet and VAE and transformers' CLIP text model of the SD-v1 layout, tiny and random."""
+def tiny_sd_components(vocab_size: int = 99, bos: int = 0, eos: int = 2, pad: int = 1, max_positions: int = 12,
+                       unet_in_channels: int = 4):
+    """diffusers' UNet and VAE and transformers' CLIP text model of the SD-v1 layout, tiny and random
+    (unet_in_channels=9: the SD inpainting UNet's, latent + mask + masked-image latent)."""
     import diffusers
     import transformers
     torch.manual_seed(0)
     # SD v1's block pattern on 3 levels: attention on the first two, none on the deepest, so both
     # output-block upsampler positions (after a resnet, after an attention) occur.
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+        sample_size=8, in_channels=unet_in_channels, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8)
@@ -96,30 +98,68 @@ def tiny_sd_components(vocab_size: int = 99, bos: int = 0, eos: int = 2, pad: in
     return _randomize(unet), _randomize(vae), _randomize(text)
 
 
-def model_index() -> dict:
+def model_index(pipeline: str = "StableDiffusionPipeline") -> dict:
     import diffusers
-    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+    return {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "PNDMScheduler"]}
 
 
 
-def write_tiny_sd_folder(root, words) -> Path:
-    """A diffusers SD-v1 folder as diffusers saves it (tiny random models), with a CLIP tokenizer for `words`."""
+def write_tiny_sd_folder(root, words, inpainting: bool = False) -> Path:
+    """A diffusers SD-v1 folder as diffusers saves it (tiny random models), with a CLIP tokenizer for `words`;
+    `inpainting`: an SD inpainting folder (StableDiffusionInpaintPipeline, 9-channel UNet)."""
 
     import diffusers
     root = Path(root)
     vocab = write_clip_tokenizer(root / "tokenizer", words)
     unet, vae, text = tiny_sd_components(vocab_size=vocab, bos=vocab - 2, eos=vocab - 1, pad=vocab - 1,
-                                         max_positions=77)
+                                         max_positions=77, unet_in_channels=9 if inpainting else 4)
     unet.save_pretrained(root / "unet")
     vae.save_pretrained(root / "vae")
     text.save_pretrained(root / "text_encoder")
     diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                             skip_prk_steps=True).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps(model_index()))
+    (root / "model_index.json").write_text(json.dumps(model_index("StableDiffusionInpaintPipeline" if inpainting
+                                                                  else "StableDiffusionPipeline")))
     return root
+
+
+def diffusers_pipeline(folder):
+    """diffusers' StableDiffusionPipeline of a folder write_tiny_sd_folder wrote."""
+    import warnings
+
+    import diffusers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny scheduler config's deprecation notices
+        return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                                 requires_safety_checker=False)
+
+
+def write_kohya_lora(path, folder, *, seed: int, rank: int = 4, alpha: float = 2.0) -> Path:
+    """A random LoRA in the kohya layout (lora_up/lora_down/alpha) for the diffusers SD-v1 folder `folder`: every
+    Linear and Conv2d of the UNet's blocks (LoCon: kxk down convs, 1x1 up convs) and of the text encoder, named
+    as kohya's scripts name them (diffusers' module names with `_` for `.`)."""
+    from safetensors.torch import save_file
+    pipe = diffusers_pipeline(folder)
+    modules = [("lora_unet_" + name, m) for name, m in pipe.unet.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d)) and name.startswith(("down_blocks", "mid_block", "up_blocks"))
+               and "samplers" not in name]
+    # transformers 5 saves CLIPTextModel without its `text_model.` level; kohya's names have it
+    modules += [("lora_te_" + (name if name.startswith("text_model.") else "text_model." + name), m)
+                for name, m in pipe.text_encoder.named_modules() if isinstance(m, nn.Linear)]
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in modules:
+        key = name.replace(".", "_")
+        out_features, *rest = module.weight.shape
+        up = (out_features, rank, *([1] * len(rest[1:])))
+        state[f"{key}.lora_down.weight"] = 0.1 * torch.randn(rank, *rest, generator=gen)
+        state[f"{key}.lora_up.weight"] = 0.1 * torch.randn(up, generator=gen)
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(state, str(path))
+    return Path(path)
 
 
 # --- the READMEs' code blocks ---------------------------------------------------------------------------------

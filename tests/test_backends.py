@@ -39,7 +39,7 @@ def test_torch_backend_matches_latent_diffusion_api():
     """Every graph of the contract against get_learned_conditioning / apply_model / decode / encode."""
     model = model_for("sd-v1")
     backend = TorchBackend(model)
-    assert backend.graphs == ("cond_stage", "unet", "unet_shallow", "decoder", "encoder")
+    assert backend.graphs == ("cond_stage", "cond_stage_embeds", "unet", "unet_shallow", "decoder", "encoder")
     ids = torch.randint(0, 1000, (2, 77))
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0])
     image = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -49,8 +49,11 @@ def test_torch_backend_matches_latent_diffusion_api():
         decoded = model.decode_first_stage(x)
         posterior = model.encode_first_stage(image)
     out = backend.run("cond_stage", cond=ids)
-    assert list(out) == ["context"] and out["context"].dtype == torch.float32
-    assert torch.equal(out["context"], context)
+    assert list(out) == ["context", "layer_contexts"] and out["context"].dtype == torch.float32
+    assert torch.equal(out["context"], context) and torch.equal(out["layer_contexts"][:, -1], context)
+    # After the token lookup (textual inversion): the same context from the looked-up rows.
+    rows = model.cond_stage_model.token_embedding.weight[ids]
+    assert torch.equal(backend.run("cond_stage_embeds", token_embeds=rows)["context"], context)
     full = backend.run("unet", x=x, t=t, context=context)
     assert torch.equal(full["eps"], eps)
     # The shallow branch on the deep feature of the same x and t is the full UNet, to the bit (DeepCache's premise

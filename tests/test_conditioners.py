@@ -1,4 +1,5 @@
 """Conditioners against their references: CompVis's encoders (x_transformer) and transformers' CLIPTextModel."""
+import copy
 
 import pytest
 import torch
@@ -203,3 +204,22 @@ def test_spatial_rescaler_matches_compvis(compvis):
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(1, 182, 16, 16, dtype=torch.float64)
     assert rel_l2(ours(x), theirs(x)) <= 1e-12
+
+
+def test_clip_layer_contexts_match_transformers(hf_tiny_clip):
+    """encode_layers: each layer's output through the final layer norm, as AUTOMATIC1111's CLIP skip n takes
+    hidden_states[-n] + final_layer_norm (diffusers' clip_skip = n - 1); fp32 rel L2 <= 1e-6."""
+    hf, state = hf_tiny_clip
+    hf = copy.deepcopy(hf).float()
+    ours = FrozenCLIPEmbedder(**TINY_CLIP).eval()
+    ours.transformer.load_state_dict(state, strict=True)
+    ids = torch.randint(0, 99, (2, 77), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = hf(input_ids=ids, output_hidden_states=True)
+        context, layers = ours.encode_layers(ids)
+        assert torch.equal(context, ours.encode(ids))
+        assert layers.shape == (2, TINY_CLIP["num_hidden_layers"], 77, 64)
+        for n in range(1, TINY_CLIP["num_hidden_layers"] + 1):
+            want = getattr(hf, "text_model", hf).final_layer_norm(out.hidden_states[-n])  # transformers 4 | 5
+            assert rel_l2(layers[:, -n], want) <= 1e-6, n
+        assert rel_l2(layers[:, -1], out.last_hidden_state) <= 1e-6

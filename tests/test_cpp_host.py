@@ -4,7 +4,9 @@ examples/cpp built with find_package(ldmrt), run on an AOTInductor engine and co
 The claim is bit-identity, not a tolerance: both sides run the same .pt2 packages through the same libtorch,
 tokenise to the same ids, draw the same Philox noise and step the same C++ plan loop, with the same thread
 count (inductor kernels and oneDNN split reductions by thread, so a different count may change the last bits).
-So the latents must be equal to the bit and the 8-bit images byte for byte.
+So the latents must be equal to the bit and the 8-bit images byte for byte. Prompts too: csrc/prompts.cpp against
+ldmrt/prompts.py (pieces, windows, weights; no libtorch, not slow), and on a tiny CLIP SD aoti engine long weighted
+prompts with BREAK, a negative prompt, CLIP skip and textual-inversion files give Python's latents to the bit.
 
 Slow (a libldmrt build, the shipped model's engine compile and the example build take minutes on 2 cores):
 set LDMRT_SLOW (CI sets it to `reduced`).
@@ -65,8 +67,9 @@ def engine_dir(host):
     return host / "engines" / "shapes"
 
 
-def run_host(example, engine_dir, out_png, prompt, **flags):
-    args = [str(example), str(engine_dir), prompt, str(out_png), "--threads", str(THREADS)]
+def run_host(example, engine_dir, out_png, prompt, *extra, **flags):
+    """extra: more arguments as they are (repeated flags: "--embedding", FILE, "--embedding", FILE2)."""
+    args = [str(example), str(engine_dir), prompt, str(out_png), "--threads", str(THREADS), *map(str, extra)]
     for name, value in flags.items():
         args += [f"--{name}", str(value)]
     return subprocess.run(args, capture_output=True, text=True)
@@ -175,3 +178,205 @@ def test_example_png_writer(tmp_path):
     i = np.arange(300 * 257 * 3)
     image = Image.open(tmp_path / "x.png")
     assert image.mode == "RGB" and np.array_equal(np.asarray(image).ravel(), ((i * 7) ^ (i >> 9)).astype(np.uint8))
+
+
+# ---- prompts: csrc/prompts.cpp against ldmrt/prompts.py (no libtorch: the core's sources alone) ----
+
+PROMPT_DRIVER = r"""
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include "ldmrt/json.h"
+#include "ldmrt/prompts.h"
+// prompt_chunks TOKENIZER_DIR KIND LONG(0/1) PROMPTS.json [TRIGGER=VECTORS ...]: one JSON line per prompt.
+std::string quoted(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') out += '\\', out += static_cast<char>(c);
+    else if (c < 0x20) { char buf[8]; std::snprintf(buf, sizeof buf, "\\u%04x", c); out += buf; }
+    else out += static_cast<char>(c);
+  }
+  return out + "\"";
+}
+std::string number(double v) { char buf[32]; std::snprintf(buf, sizeof buf, "%.17g", v); return buf; }
+int main(int argc, char** argv) {
+  auto tokenizer = ldmrt::Tokenizer::from_folder(argv[1], argv[2]);
+  const bool long_prompts = std::string(argv[3]) == "1";
+  std::vector<std::pair<std::string, int>> embeddings;
+  for (int i = 5; i < argc; ++i) {
+    const std::string a = argv[i];
+    embeddings.emplace_back(a.substr(0, a.rfind('=')), std::stoi(a.substr(a.rfind('=') + 1)));
+  }
+  const ldmrt::json::Value prompts = ldmrt::json::Value::parse(ldmrt::json::read_file(argv[4]));
+  for (const auto& p : prompts.items()) {
+    std::string line = "{\"parsed\": [";
+    try {
+      for (const auto& piece : ldmrt::parse_prompt(p.as_string()))
+        line += "[" + quoted(piece.text) + ", " + (piece.is_break ? "null" : number(piece.weight)) + "], ";
+      line += "null], \"chunks\": [";
+      for (const auto& c : ldmrt::prompt_chunks(p.as_string(), *tokenizer, long_prompts, embeddings)) {
+        line += "{\"ids\": [";
+        for (std::size_t i = 0; i < c.ids.size(); ++i) line += (i ? ", " : "") + std::to_string(c.ids[i]);
+        line += "], \"weights\": [";
+        for (std::size_t i = 0; i < c.weights.size(); ++i) line += (i ? ", " : "") + number(c.weights[i]);
+        line += "], \"fixes\": [";
+        for (std::size_t i = 0; i < c.fixes.size(); ++i)
+          line += (i ? ", [" : "[") + std::to_string(c.fixes[i].first) + ", " + quoted(c.fixes[i].second) + "]";
+        line += "]}, ";
+      }
+      line += "null]}";
+    } catch (const ldmrt::PromptError& e) {
+      line = "{\"error\": " + quoted(e.what()) + "}";
+    }
+    std::cout << line << "\n";
+  }
+}
+"""
+
+# Beyond the web UI's fixtures: escapes and stray brackets, BREAK's word boundaries, weights with signs, a bad
+# weight, unclosed brackets, a trigger word between windows, an empty prompt.
+EXTRA_PROMPTS = ["", "\\(red\\) \\[blue\\] \\\\ \\x", "a) b] :c :1.2) (d:+1.5) (e:-.5) [f", "BREAKa aBREAK a_BREAK",
+                 "x BREAK BREAK y", "BREAK", "(a (b [c] d) e", "(a:1.2.3) b", "(a:.) b", "my-style circle " * 30,
+                 "a (my-style:1.2) circle, [my-style] ((dog)) my", "tab\tBREAK\nnew line, ü BREAK ü",
+                 "(red) my-style, " * 20]
+
+
+def _python_chunks(prompt, tokenizer, long, embeddings):
+    from ldmrt.errors import InputError
+    from ldmrt.prompts import chunks, parse
+    try:
+        parsed = [[p.text, None if p.is_break else p.weight] for p in parse(prompt)]
+        got = chunks(prompt, tokenizer, long=long, embeddings=embeddings)
+    except InputError as e:
+        return {"error": str(e)}
+    return {"parsed": parsed, "chunks": [{"ids": c.ids, "weights": c.weights, "fixes": [list(f) for f in c.fixes]}
+                                         for c in got]}
+
+
+@pytest.fixture(scope="module")
+def prompt_driver(tmp_path_factory):
+    work = tmp_path_factory.mktemp("prompt_driver")
+    (work / "main.cpp").write_text(PROMPT_DRIVER)
+    exe = work / "prompt_chunks"
+    sources = [ROOT / "csrc" / f for f in ("prompts.cpp", "tokenizer.cpp", "json.cpp")]
+    subprocess.run([CXX, "-std=c++17", "-O1", f"-I{ROOT / 'csrc' / 'include'}", str(work / "main.cpp"),
+                    *map(str, sources), "-o", str(exe)], check=True)
+    return exe
+
+
+@pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
+@pytest.mark.parametrize("kind", ["clip", "bert"])
+def test_cpp_prompt_chunks_match_python(prompt_driver, tmp_path, kind):
+    """parse_prompt and prompt_chunks in C++ against ldmrt/prompts.py, on the 16 web UI fixture prompts and the extra
+    ones: the same pieces (weights to the bit), windows, weights and textual-inversion placements, the same errors.
+    CLIP with long prompts and two embeddings; BERT with its one window (overflow and BREAK are errors)."""
+    from ldmrt.testing import write_clip_tokenizer
+    from ldmrt.tokenizer import BertTokenizer, ClipTokenizer
+    fixture = json.loads((ROOT / "tests" / "fixtures" / "a1111_prompts.json").read_text())
+    prompts = [c["prompt"] for c in fixture["cases"]] + EXTRA_PROMPTS
+    folder = tmp_path / "tokenizer"
+    if kind == "clip":
+        write_clip_tokenizer(folder, fixture["words"])
+        tokenizer = ClipTokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+        embeddings = {"my-style": 3, "dog": 2}
+    else:
+        folder.mkdir()
+        shutil.copy(Path(ldmrt.__file__).parent / "assets" / "shapes" / "vocab.txt", folder / "vocab.txt")  # shipped
+        tokenizer = BertTokenizer.from_file(folder / "vocab.txt")
+        embeddings = {}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    done = subprocess.run([str(prompt_driver), str(folder), kind, "1" if kind == "clip" else "0",
+                           str(tmp_path / "prompts.json"), *[f"{k}={v}" for k, v in embeddings.items()]],
+                          capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(prompts)
+    errors = 0
+    for prompt, line in zip(prompts, lines):
+        got = json.loads(line)
+        for key in ("parsed", "chunks"):
+            if key in got:
+                assert got[key].pop() is None  # the driver's list terminator
+        want = _python_chunks(prompt, tokenizer, kind == "clip", embeddings)
+        assert got == want, prompt
+        errors += "error" in want
+    assert errors >= (1 if kind == "clip" else 3)  # the bad weights; BERT also overflow and BREAK
+
+
+# ---- prompts in the host: a tiny CLIP SD engine (long prompts, BREAK, emphasis, CLIP skip, textual inversion) ----
+
+SD_WORDS = ["a", "red", "circle", "blue", "square", "on", "the", "left"]
+# 80 + 2 tokens, weighted: a full window, the rest, then BREAK's: 3 windows, the most the aoti engine takes
+LONG_PROMPT = "a (red:1.3) circle, " * 20 + "[blue] square BREAK on the ((left))"
+NEGATIVE = "blurry BREAK (dark:0.8)"  # 2 windows: padded with the empty prompt's to the prompt's 3
+
+
+@pytest.fixture(scope="module")
+def sd_engine(tmp_path_factory):
+    """A tiny diffusers SD-v1 folder (random weights, CLIP tokenizer) built with the AOTInductor backend."""
+    pytest.importorskip("diffusers")
+    from helpers import write_tiny_sd_folder
+    work = tmp_path_factory.mktemp("sd_aoti")
+    folder = write_tiny_sd_folder(work / "sd", SD_WORDS)
+    Engine.build(str(folder), work / "engine", backend="aoti", progress=None)
+    return work / "engine"
+
+
+def write_embedding_files(folder, width):
+    """An AUTOMATIC1111 .safetensors (2 vectors, float16), a diffusers learned_embeds.safetensors (one (width,)
+    vector, float32) and an AUTOMATIC1111 .pt, which the host refuses."""
+    from safetensors.torch import save_file
+    folder.mkdir()
+    g = torch.Generator().manual_seed(7)
+    save_file({"emb_params": torch.randn(2, width, generator=g).half()}, str(folder / "my-style.safetensors"))
+    save_file({"<cat-toy>": torch.randn(width, generator=g)}, str(folder / "learned_embeds.safetensors"))
+    torch.save({"string_to_param": {"*": torch.randn(1, width, generator=g)}}, folder / "old-style.pt")
+    return folder
+
+
+@slow
+@pytest.mark.parametrize("case", [
+    dict(prompt=LONG_PROMPT, negative=NEGATIVE, seed=1),
+    dict(prompt=LONG_PROMPT, negative=NEGATIVE, seed=2, **{"clip-skip": 2}),
+    dict(prompt="a (my-style:1.2) circle, <cat-toy> BREAK [red] square", negative="my-style", seed=3,
+         embeddings=["my-style.safetensors", "learned_embeds.safetensors"], **{"clip-skip": 2}),
+])
+def test_cpp_host_prompts_give_python_latents_bit_for_bit(example, sd_engine, tmp_path, case):
+    """The C++ host parses, windows, weighs and encodes prompts as Python's Engine does: same latents to the bit."""
+    assert torch.get_num_threads() == THREADS
+    engine = Engine.load(sd_engine)
+    files = write_embedding_files(tmp_path / "emb", engine.token_table().shape[1])
+    embeddings = [files / name for name in case.get("embeddings", ())]
+    latent = engine.generate(case["prompt"], negative_prompt=case["negative"], steps=4, seed=case["seed"],
+                             sampler="ddim", clip_skip=case.get("clip-skip", 1), embeddings=embeddings,
+                             output_type="latent").numpy()
+    extra = [a for f in embeddings for a in ("--embedding", f)]
+    flags = {k: v for k, v in case.items() if k in ("seed", "negative", "clip-skip")}
+    done = run_host(example, sd_engine, tmp_path / "out.png", case["prompt"], *extra, steps=4, sampler="ddim",
+                    latent=tmp_path / "latent.f32", **flags)
+    assert done.returncode == 0, done.stderr
+    cpp_latent = np.fromfile(tmp_path / "latent.f32", dtype=np.float32).reshape(latent.shape)
+    assert np.array_equal(cpp_latent, latent), f"max |diff| {np.abs(cpp_latent - latent).max()}"
+
+
+@slow
+def test_cpp_host_refuses_what_python_refuses(example, sd_engine, engine_dir, tmp_path):
+    """Never a silent cut: LDM-BERT's one window and the aoti engine's 3 windows give Python's message; a pickled
+    embedding is refused with the conversion to use; a bad clip_skip names the range."""
+    from ldmrt.errors import InputError
+    long_bert = "a red circle on the left " * 20  # over LDM-BERT's 75 tokens
+    with pytest.raises(InputError) as python_error:
+        Engine.load(engine_dir).generate(long_bert, steps=1)
+    done = run_host(example, engine_dir, tmp_path / "x.png", long_bert, steps=1)
+    assert done.returncode == 1 and str(python_error.value) in done.stderr and "tokens long" in done.stderr
+    four = "a red circle " * 76  # 228 tokens: 4 windows
+    with pytest.raises(InputError) as python_error:
+        Engine.load(sd_engine).generate(four, steps=1)
+    done = run_host(example, sd_engine, tmp_path / "x.png", four, steps=1)
+    assert done.returncode == 1 and str(python_error.value) in done.stderr
+    files = write_embedding_files(tmp_path / "emb", Engine.load(sd_engine).token_table().shape[1])
+    done = run_host(example, sd_engine, tmp_path / "x.png", "a circle", "--embedding", files / "old-style.pt", steps=1)
+    assert done.returncode == 1 and "Python pickles" in done.stderr and "old-style.safetensors" in done.stderr
+    done = run_host(example, sd_engine, tmp_path / "x.png", "a circle", steps=1, **{"clip-skip": 99})
+    assert done.returncode == 1 and "clip_skip must be an integer in 1.." in done.stderr
+    done = run_host(example, engine_dir, tmp_path / "x.png", "a circle", "--embedding", files / "my-style.safetensors")
+    assert done.returncode == 1 and "takes no textual-inversion embeddings" in done.stderr

@@ -205,7 +205,7 @@ def test_legacy_folder_layout(sd_folder, converted, tmp_path):
     ("unet/config.json", {"use_linear_projection": True}, "SD2-style linear"),
     ("unet/config.json", {"upcast_attention": True}, "upcast"),
     ("unet/config.json", {"attention_head_dim": [5, 10, 20]}, "per block"),
-    ("unet/config.json", {"in_channels": 9}, "in_channels=9"),
+    ("unet/config.json", {"in_channels": 5}, "in_channels=5"),  # a depth UNet (9: SD inpainting, supported)
     ("unet/config.json", {"addition_embed_type": "text_time"}, "SDXL"),
     ("scheduler/scheduler_config.json", {"prediction_type": "v_prediction"}, "v_prediction"),
     ("scheduler/scheduler_config.json", {"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule"),

@@ -12,10 +12,11 @@ import runpy
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import ldmrt
-from helpers import ROOT, code_blocks, run_sh, substitute, write_tiny_sd_folder
+from helpers import ROOT, code_blocks, run_sh, substitute, write_kohya_lora, write_tiny_sd_folder
 from ldmrt.testing import reduced_config
 
 # (file, block index) -> substitutions. Blocks are numbered among the file's sh/python blocks.
@@ -29,6 +30,9 @@ SUBSTITUTIONS = {
     ("README.md", 1): {"--model sd-v1 --ckpt sd-v1-4.ckpt": "--model shapes"},  # SD_WEIGHTS
     ("README.md", 2): {'Engine.build("sd-v1", "engines/sd", ckpt="sd-v1-4.ckpt")': 'Engine.build("shapes", "engines/sd")'},
     ("README.md", 3): {'ldmrt.load_model("sd-v1", "sd-v1-4.ckpt")': 'ldmrt.load_model("shapes")'},  # SD_WEIGHTS
+    # A server runs until stopped: tests/test_serve.py runs `ldmrt serve` on a free port and drives it with
+    # clients (test_webuiapi_client_unmodified, test_sigterm_drains_in_flight_requests); here its options parse.
+    ("README.md", 7): {"ldmrt serve --engine engines/shapes --port 7860": "ldmrt serve --help >/dev/null"},
 }
 # Blocks that run in another test, which already pays for what they need.
 ELSEWHERE = {
@@ -63,6 +67,11 @@ def workspace(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "in.png")
     pytest.importorskip("diffusers")
     write_tiny_sd_folder(root / "path" / "to" / "diffusers-sd-v1-folder", ["a", "red", "circle"])
+    for seed, name in enumerate(("style", "detail")):  # kohya-layout LoRAs for that folder (README "LoRA")
+        write_kohya_lora(root / f"{name}.safetensors", root / "path" / "to" / "diffusers-sd-v1-folder", seed=seed)
+    # An AUTOMATIC1111 textual-inversion file for that folder's 32-wide text encoder (README "Prompts").
+    torch.save({"string_to_param": {"*": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                "name": "my-style"}, root / "my-style.pt")
     return root
 
 

@@ -86,6 +86,16 @@ def test_profiles_per_graph():
         graph_profiles({"unet": [{"name": "x", "shape": ["frames", 4]}]}, resolve_ranges(BuildOptions(), SD_SUMMARY))
 
 
+def test_long_prompt_context_profile():
+    """CLIP models: the UNet's context takes 1..MAX_CONTEXT_WINDOWS windows, tuned for one."""
+    clip = {**SD_SUMMARY, "long_prompts": True, "context_window": 77}
+    inputs = {"unet": [{"name": "context", "shape": ["batch", "context_length", 768]}]}
+    p = graph_profiles(inputs, resolve_ranges(BuildOptions(max_batch=2), clip))
+    assert p["unet"]["context"] == {"min": [1, 77, 768], "opt": [2, 77, 768], "max": [4, 3 * 77, 768]}
+    with pytest.raises(ValueError, match="axis 'context_length' with no size range"):  # not a long-prompt model
+        graph_profiles(inputs, resolve_ranges(BuildOptions(), SD_SUMMARY))
+
+
 def _descriptions(graphs):
     """export_onnx's input descriptions, from the traced graphs' example inputs and dynamic axes."""
     return {name: [{"name": n, "shape": [g.dynamic_axes.get(n, {}).get(i, d) for i, d in enumerate(x.shape)]}
@@ -98,7 +108,7 @@ def _example(name, dtype, shape):
     return torch.full(shape, 500.0) if name == "t" else torch.randn(shape)
 
 
-@pytest.mark.parametrize("name", ["txt2img", "cin256", "bsr_sr", "semantic_synthesis256", "inpainting_big",
+@pytest.mark.parametrize("name", ["txt2img", "sd-v1", "cin256", "bsr_sr", "semantic_synthesis256", "inpainting_big",
                                   "celeba256"])
 def test_profile_shapes_run_through_every_graph(name, vocab):
     """The min and max shapes of every profile are shapes the graphs accept, and agree across graphs: the cond

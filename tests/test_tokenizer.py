@@ -183,3 +183,37 @@ def test_missing_files_errors(tmp_path):
     with pytest.raises(TokenizerNotFoundError, match="vocab.txt"):
         BertTokenizer.from_file(tmp_path / "vocab.txt")
     assert issubclass(TokenizerNotFoundError, FileNotFoundError)
+
+
+# ---- tokenizer.json alone (transformers >= 5 saves nothing else) ----
+
+def test_tokenizer_json_alone_matches_transformers(tmp_path, clip_files, bert_dir):
+    """A folder saved by CLIPTokenizerFast / BertTokenizerFast.save_pretrained: read through the tokenizers library,
+    ids equal transformers' own, and the standard files it yields (what engines hold) tokenize the same."""
+    fast = transformers.CLIPTokenizerFast.from_pretrained(str(clip_files[0]))
+    fast.save_pretrained(tmp_path / "clip")
+    bert = transformers.BertTokenizerFast(vocab_file=str(bert_dir / "vocab.txt"), do_lower_case=True)
+    bert.save_pretrained(tmp_path / "bert")
+    for name in ("clip", "bert"):  # the situation this covers: no vocab.json / merges.txt / vocab.txt
+        assert not {"vocab.json", "merges.txt", "vocab.txt"} & {p.name for p in (tmp_path / name).iterdir()}
+    for name, ref, cls, max_length in (("clip", fast, ClipTokenizer, 77), ("bert", bert, BertTokenizer, 16)):
+        ours = find_tokenizer(tmp_path / name, max_length=max_length)
+        assert isinstance(ours, cls)
+        want = ref(SENTENCES, truncation=True, max_length=max_length, padding="max_length",
+                   return_tensors="pt")["input_ids"]
+        assert torch.equal(ours(SENTENCES), want), name
+        standard = tmp_path / f"{name}-standard"
+        standard.mkdir()
+        for file, content in ours.standard_files.items():
+            (standard / file).write_bytes(content)
+        assert torch.equal(find_tokenizer(standard, kind=ours.kind, max_length=max_length)(SENTENCES), want), name
+    # The standard files of a tokenizer read from them are those files, byte for byte.
+    folder = clip_files[0]
+    tok = ClipTokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+    assert tok.standard_files == {n: (folder / n).read_bytes() for n in ("vocab.json", "merges.txt")}
+
+
+def test_tokenizer_json_errors(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerNotFoundError, match="not a tokenizers-library file"):
+        find_tokenizer(tmp_path)

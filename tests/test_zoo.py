@@ -10,7 +10,8 @@ from ldmrt.info import model_info
 from ldmrt.testing import reduced_config
 
 ZOO = ["txt2img", "sd-v1", "text2img256", "cin256", "celeba256", "ffhq256", "lsun_churches256", "lsun_beds256",
-       "bsr_sr", "inpainting_big", "layout2img-openimages256", "semantic_synthesis256", "semantic_synthesis512"]
+       "bsr_sr", "inpainting_big", "layout2img-openimages256", "semantic_synthesis256", "semantic_synthesis512",
+       "sd-v1-inpainting"]  # the zoo's, and RunwayML's SD inpainting model
 
 
 def test_every_zoo_model_has_a_preset():
@@ -33,6 +34,8 @@ def example_inputs(model, cfg, batch=2, latent=16):
         ids = torch.randint(0, 1000, (batch, getattr(model.cond_stage_model, "max_length", None) or
                                       cond_cfg["params"].get("max_seq_len", 77)), generator=g)
         c = model.get_learned_conditioning(ids)
+        if p.get("conditioning_key") == "hybrid":  # SD inpainting: + [mask, masked-image latent] concatenated
+            c = {"c_crossattn": [c], "c_concat": [torch.randn(batch, c_lat + 1, latent, latent, generator=g)]}
     elif target == "ClassEmbedder":
         c = model.get_learned_conditioning(torch.tensor([1, 7][:batch]))
     elif target == "Identity":  # bsr_sr: the low-resolution image itself, at latent size

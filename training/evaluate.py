@@ -15,6 +15,11 @@ Fast modes (engine backends): --modes exact cache2 cache3 cache5 cut30 cut50 cac
 reports, beside adherence, the PSNR and rel L2 of its images against the exact images of the same seeds:
   cacheN   feature caching (DeepCache): the full UNet every N-th step, its shallow branch between
   cutP     guidance truncation: no guidance on the last P% of the steps (guidance_interval (0, 1 - P/100))
+
+Beyond the training size (engine backends): --sizes 128 256 generates at those sizes; mode hiresS makes them by the
+hires fix instead (the model's 64 px, upscaled, img2img at strength S/100), mode tiled decodes in tiles:
+    python training/evaluate.py --backends onnxruntime-fp32 --sizes 128 256 --modes exact tiled hires30 hires50 \
+        hires30+tiled --prompts 90
 """
 from __future__ import annotations
 
@@ -82,6 +87,24 @@ def save_grid(images, path: Path, columns: int = 8, scale: int = 2):
     grid.save(path)
 
 
+def size_settings(mode: str, side: int) -> dict:
+    """generate's settings of a mode at an image side. Parts joined by "+": hiresS (the hires fix from the model's
+    size at strength S/100), tiled (tiled_decode=True), or a fast mode; without hiresS the images are made at that
+    size directly (64: the model's own, no size given, as before)."""
+    settings, direct = {}, True
+    for part in mode.split("+"):
+        if part.startswith("hires"):
+            settings.update(hires=side, hires_strength=int(part[5:]) / 100)
+            direct = False
+        elif part == "tiled":
+            settings["tiled_decode"] = True
+        else:
+            settings.update(mode_settings(part))
+    if direct and side != 64:
+        settings.update(height=side, width=side)
+    return settings
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ASSETS, help="folder with config.yaml, model.ckpt, vocab.txt")
@@ -95,16 +118,17 @@ def main(argv=None):
     ap.add_argument("--list-prompts", action="store_true", help="print the prompts and their scores")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=["exact"], help="fast modes of engine backends (see above)")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[64], help="image sizes (engine backends)")
     args = ap.parse_args(argv)
-    if args.modes != ["exact"] and any(b.startswith("eager") for b in args.backends):
-        raise SystemExit("--modes needs engine backends (onnxruntime-fp32, torch-bf16)")
+    if (args.modes != ["exact"] or args.sizes != [64]) and any(b.startswith("eager") for b in args.backends):
+        raise SystemExit("--modes and --sizes need engine backends (onnxruntime-fp32, torch-bf16)")
     torch.set_num_threads(args.threads)
     prompts = [p for p, _ in dataset.evaluation_prompts(args.prompts, two_shape_prob=args.two_shape_prob)]
 
     print(f"{len(prompts)} held-out prompts, guidance {args.guidance}")
-    print("| backend | sampler | steps | mode | background | colour | position | size | kind | all attributes | "
-          "whole prompt | s/image | PSNR vs exact | rel L2 vs exact |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| backend | sampler | steps | image | mode | background | colour | position | size | kind | all attributes "
+          "| whole prompt | s/image | PSNR vs exact | rel L2 vs exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for backend in args.backends:
             if backend.startswith("eager"):
@@ -112,30 +136,29 @@ def main(argv=None):
             else:
                 name = backend.split("-")[0]
                 generate = engine_images(args.model, name, backend.endswith("bf16"), Path(work))
-            for sampler in args.samplers:
-                for steps in args.steps:
-                    exact = None
-                    for mode in (["exact"] + [m for m in args.modes if m != "exact"]):
-                        t0 = time.perf_counter()
-                        images = generate(prompts, sampler, steps, args.guidance, **mode_settings(mode))
-                        per_image = (time.perf_counter() - t0) / len(prompts)
-                        exact = images if exact is None else exact
-                        if mode not in args.modes:
-                            continue
-                        scores = [adherence.score(p, to_uint8(im)) for p, im in zip(prompts, images)]
-                        s = adherence.summarize(scores)
-                        print(f"| {backend} | {sampler} | {steps} | {mode} | " + " | ".join(
-                            f"{100 * s.get(k, float('nan')):.0f}%" for k in
-                            ("background", "colour", "position", "size", "kind", "attributes", "all"))
-                            + f" | {per_image:.2f} | {psnr(images, exact):.1f} | {rel_l2(images, exact):.3f} |",
-                            flush=True)
-                    if args.list_prompts:
-                        for p, sc in zip(prompts, scores):
-                            print("   ", "ok  " if all(sc.values()) else "FAIL", p,
-                                  " ".join(k for k, v in sc.items() if not v))
-                    if args.grid is not None:
-                        save_grid(images[:32], args.grid)
-                        args.grid = None
+            for sampler, steps, side in ((a, n, z) for a in args.samplers for n in args.steps for z in args.sizes):
+                exact = None
+                for mode in (["exact"] + [m for m in args.modes if m != "exact"]):
+                    t0 = time.perf_counter()
+                    images = generate(prompts, sampler, steps, args.guidance, **size_settings(mode, side))
+                    per_image = (time.perf_counter() - t0) / len(prompts)
+                    exact = images if exact is None else exact
+                    if mode not in args.modes:
+                        continue
+                    scores = [adherence.score(p, to_uint8(im)) for p, im in zip(prompts, images)]
+                    s = adherence.summarize(scores)
+                    print(f"| {backend} | {sampler} | {steps} | {side}² | {mode} | " + " | ".join(
+                        f"{100 * s.get(k, float('nan')):.0f}%" for k in
+                        ("background", "colour", "position", "size", "kind", "attributes", "all"))
+                        + f" | {per_image:.2f} | {psnr(images, exact):.1f} | {rel_l2(images, exact):.3f} |",
+                        flush=True)
+                if args.list_prompts:
+                    for p, sc in zip(prompts, scores):
+                        print("   ", "ok  " if all(sc.values()) else "FAIL", p,
+                              " ".join(k for k, v in sc.items() if not v))
+                if args.grid is not None:
+                    save_grid(images[:32], args.grid)
+                    args.grid = None
 
 
 if __name__ == "__main__":

@@ -35,67 +35,128 @@ using Array = py::array_t<Real, py::array::c_style>;
 
 std::vector<py::ssize_t> shape_of(const py::array& a) { return std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()); }
 
-// The loop for one dtype. The latent (modified in place) and the buffers the model sees are numpy arrays, so the
-// model callable gets them without copies; its result is read in place when it is a C-contiguous array of the
-// latent's dtype, else converted once.
+// What the loop needs from Python, for one dtype: the latent (modified in place) and the buffers the model sees are
+// numpy arrays, so the model gets them without copies; the model's result is read in place when it is a
+// C-contiguous array of the latent's dtype, else converted once.
+template <typename Real>
+struct NumpyLoop {
+  Array<Real> latent;
+  std::optional<Array<Real>> x0, mask;
+  std::vector<Array<Real>> history;  // numpy, so a stage that evaluates a slot passes it without a copy
+  Array<Real> model_input;
+  Workspace<Real> ws;
+  LoopInputs<Real> in;
+  NoiseSource<Real> noise;
+  std::optional<py::function> noise_fn;
+
+  NumpyLoop(const Plan& plan, Array<Real> latent_, std::optional<Array<Real>> x0_, std::optional<Array<Real>> mask_,
+            std::optional<double> guidance_scale, std::uint64_t seed, std::optional<py::function> noise_fn_)
+      : latent(std::move(latent_)), x0(std::move(x0_)), mask(std::move(mask_)), noise_fn(std::move(noise_fn_)) {
+    if (!latent.writeable()) throw std::invalid_argument("latent must be writeable");
+    const std::vector<py::ssize_t> shape = shape_of(latent);
+    for (auto* extra : {&x0, &mask})
+      if (*extra && shape_of(**extra) != shape)
+        throw std::invalid_argument(std::string(extra == &x0 ? "x0" : "mask") + " must have the latent's shape");
+    if (guidance_scale && shape.empty()) throw std::invalid_argument("guidance needs a batch dimension");
+    ws = Workspace<Real>::allocate(plan, count(), false);
+    for (int k = 0; k < plan.history_slots; ++k) {
+      history.emplace_back(shape);
+      ws.history[static_cast<std::size_t>(k)] = history.back().mutable_data();
+    }
+    if (guidance_scale) {
+      std::vector<py::ssize_t> doubled = shape;
+      doubled[0] *= 2;
+      model_input = Array<Real>(doubled);
+      ws.model_input = model_input.mutable_data();
+    }
+    in.x0 = x0 ? x0->data() : nullptr;
+    in.mask = mask ? mask->data() : nullptr;
+    in.guidance_scale = guidance_scale;
+    noise = philox_noise<Real>(seed);
+    if (noise_fn) {
+      noise = [this](int draw, Real* out, std::size_t n) {
+        auto drawn = py::array_t<Real, py::array::c_style | py::array::forcecast>::ensure((*noise_fn)(draw));
+        if (!drawn || static_cast<std::size_t>(drawn.size()) != n)
+          throw std::invalid_argument("noise_fn must return an array with the latent's number of values");
+        std::copy(drawn.data(), drawn.data() + n, out);
+      };
+    }
+  }
+  NumpyLoop(const NumpyLoop&) = delete;  // `noise` captures this
+  std::size_t count() const { return static_cast<std::size_t>(latent.size()); }
+
+  // The numpy array whose buffer is x (the latent, the doubled model input or a history slot).
+  py::array array_of(const Real* x) const {
+    if (x == ws.model_input) return model_input;
+    for (std::size_t k = 0; k < history.size(); ++k)
+      if (x == ws.history[k]) return history[k];
+    return latent;
+  }
+};
+
+// The model's output as a C-contiguous array of Real with n values (a copy only when it is not one already).
+template <typename Real>
+Array<Real> eps_array(const py::object& out, std::size_t n) {
+  auto eps = Array<Real>::ensure(out);
+  if (!eps) {
+    PyErr_Clear();
+    eps = py::array_t<Real, py::array::c_style | py::array::forcecast>::ensure(out);
+    if (!eps) throw std::invalid_argument("the model must return an array (numpy or CPU torch tensor)");
+  }
+  if (static_cast<std::size_t>(eps.size()) != n)
+    throw std::invalid_argument("the model returned " + std::to_string(eps.size()) + " values for an input of " +
+                                std::to_string(n));
+  return eps;
+}
+
 template <typename Real>
 void run(const Plan& plan, Array<Real> latent, const py::function& model, std::optional<Array<Real>> x0,
          std::optional<Array<Real>> mask, std::optional<double> guidance_scale, std::uint64_t seed,
          std::optional<py::function> noise_fn) {
-  if (!latent.writeable()) throw std::invalid_argument("latent must be writeable");
-  const std::size_t count = static_cast<std::size_t>(latent.size());
-  const std::vector<py::ssize_t> shape = shape_of(latent);
-  for (auto* extra : {&x0, &mask})
-    if (*extra && shape_of(**extra) != shape)
-      throw std::invalid_argument(std::string(extra == &x0 ? "x0" : "mask") + " must have the latent's shape");
-  if (guidance_scale && shape.empty()) throw std::invalid_argument("guidance needs a batch dimension");
-
-  Workspace<Real> ws = Workspace<Real>::allocate(plan, count, false);
-  std::vector<Array<Real>> history;  // numpy, so a stage that evaluates a slot passes it without a copy
-  for (int k = 0; k < plan.history_slots; ++k) {
-    history.emplace_back(shape);
-    ws.history[static_cast<std::size_t>(k)] = history.back().mutable_data();
-  }
-  std::vector<py::ssize_t> doubled = shape;
-  Array<Real> model_input;
-  if (guidance_scale) {
-    doubled[0] *= 2;
-    model_input = Array<Real>(doubled);
-    ws.model_input = model_input.mutable_data();
-  }
-  py::object held;  // keeps the model's last output alive while the loop reads it
+  NumpyLoop<Real> loop(plan, std::move(latent), std::move(x0), std::move(mask), guidance_scale, seed, std::move(noise_fn));
+  Array<Real> held;  // keeps the model's last output alive while the loop reads it
   EpsModel<Real> eps_model = [&](const Real* x, std::size_t n, double t) -> const Real* {
-    py::array input = latent;
-    if (x == ws.model_input) input = model_input;
-    for (std::size_t k = 0; k < history.size(); ++k)
-      if (x == ws.history[k]) input = history[k];
-    py::object out = model(input, t);
-    auto eps = Array<Real>::ensure(out);  // no copy when already C-contiguous of this dtype
-    if (!eps) {
-      PyErr_Clear();
-      eps = py::array_t<Real, py::array::c_style | py::array::forcecast>::ensure(out);
-      if (!eps) throw std::invalid_argument("the model must return an array (numpy or CPU torch tensor)");
-    }
-    if (static_cast<std::size_t>(eps.size()) != n)
-      throw std::invalid_argument("the model returned " + std::to_string(eps.size()) + " values for an input of " +
-                                  std::to_string(n));
-    held = eps;
-    return eps.data();
+    held = eps_array<Real>(model(loop.array_of(x), t), n);
+    return held.data();
   };
-  NoiseSource<Real> noise = philox_noise<Real>(seed);
-  if (noise_fn) {
-    noise = [&](int draw, Real* out, std::size_t n) {
-      auto drawn = py::array_t<Real, py::array::c_style | py::array::forcecast>::ensure((*noise_fn)(draw));
-      if (!drawn || static_cast<std::size_t>(drawn.size()) != n)
-        throw std::invalid_argument("noise_fn must return an array with the latent's number of values");
-      std::copy(drawn.data(), drawn.data() + n, out);
-    };
-  }
-  LoopInputs<Real> in;
-  in.x0 = x0 ? x0->data() : nullptr;
-  in.mask = mask ? mask->data() : nullptr;
-  in.guidance_scale = guidance_scale;
-  run_plan<Real>(plan, latent.mutable_data(), count, eps_model, noise, in, ws);
+  run_plan<Real>(plan, loop.latent.mutable_data(), loop.count(), eps_model, loop.noise, loop.in, loop.ws);
+}
+
+// ldmrt::Stepper over numpy buffers: one request's plan, stepped by the caller (a server batching requests).
+template <typename Real>
+struct PyStepper {
+  NumpyLoop<Real> loop;
+  Stepper<Real> stepper;
+  PyStepper(const Plan& plan, Array<Real> latent, std::optional<Array<Real>> x0, std::optional<Array<Real>> mask,
+            std::optional<double> guidance_scale, std::uint64_t seed, std::optional<py::function> noise_fn)
+      : loop(plan, std::move(latent), std::move(x0), std::move(mask), guidance_scale, seed, std::move(noise_fn)),
+        stepper(plan, loop.latent.mutable_data(), loop.count(), loop.noise, loop.in, loop.ws) {}
+};
+
+template <typename Real>
+void bind_stepper(py::module_& m, const char* name) {
+  using S = PyStepper<Real>;
+  py::class_<S>(m, name)
+      .def_property_readonly("done", [](const S& s) { return s.stepper.done(); })
+      .def_property_readonly("stage", [](const S& s) { return s.stepper.stage(); })
+      .def_property_readonly("latent", [](const S& s) { return s.loop.latent; })
+      .def("next", [](S& s) {
+        const auto e = s.stepper.next();
+        return py::make_tuple(s.loop.array_of(e.input), e.timestep, e.doubled, e.shallow);
+      }, "(x, t, doubled, shallow) of the current stage; x is the loop's buffer: read it, do not keep or change it")
+      .def("apply", [](S& s, const py::object& eps) {
+        if (s.stepper.done()) throw std::invalid_argument("the plan is finished: nothing to apply");
+        const auto e = s.stepper.next();  // the input's size (and the blend, if next() was not called)
+        s.stepper.apply(eps_array<Real>(eps, e.count).data());
+      }, py::arg("eps"), "Apply the current stage's update with eps for next()'s x, and advance");
+}
+
+template <typename Real>
+py::object make_stepper(const Plan& plan, Array<Real> latent, std::optional<Array<Real>> x0,
+                        std::optional<Array<Real>> mask, std::optional<double> guidance_scale, std::uint64_t seed,
+                        std::optional<py::function> noise_fn) {
+  return py::cast(new PyStepper<Real>(plan, std::move(latent), std::move(x0), std::move(mask), guidance_scale, seed,
+                                      std::move(noise_fn)), py::return_value_policy::take_ownership);
 }
 
 py::dict stage_dict(const Stage& s) {
@@ -220,6 +281,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("guidance_scale") = py::none(), py::arg("seed") = 0, py::arg("noise_fn") = py::none(),
         "Run a plan in place on a C-contiguous float32/float64 latent holding x_T; the model is called as "
         "model(x, t) and returns eps (with guidance_scale, x is the doubled batch [x; x] = [uncond; cond]).");
+
+  bind_stepper<float>(m, "StepperFloat32");
+  bind_stepper<double>(m, "StepperFloat64");
+  m.def("stepper", &make_stepper<float>, py::arg("plan"), py::arg("latent").noconvert(),
+        py::arg("x0").noconvert() = py::none(), py::arg("mask").noconvert() = py::none(),
+        py::arg("guidance_scale") = py::none(), py::arg("seed") = 0, py::arg("noise_fn") = py::none());
+  m.def("stepper", &make_stepper<double>, py::arg("plan"), py::arg("latent").noconvert(),
+        py::arg("x0").noconvert() = py::none(), py::arg("mask").noconvert() = py::none(),
+        py::arg("guidance_scale") = py::none(), py::arg("seed") = 0, py::arg("noise_fn") = py::none(),
+        "run_plan's arguments without the model: a stepper over the latent (modified in place) whose next() names "
+        "each evaluation and apply(eps) makes its update");
 
   m.def("randn", [](std::uint64_t seed, std::vector<py::ssize_t> shape, std::uint64_t stream, const std::string& dtype) -> py::array {
     if (dtype == "float32") {

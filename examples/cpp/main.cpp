@@ -1,12 +1,14 @@
 // ldmrt_generate ENGINE PROMPT OUT.png [--steps N] [--seed S] [--guidance G] [--sampler NAME] [--size PX]
 //                [--batch B] [--class LABEL] [--threads T] [--latent OUT.f32] [--cache N]
-//                [--guidance-from F] [--guidance-until F]
+//                [--guidance-from F] [--guidance-until F] [--negative TEXT] [--clip-skip N] [--embedding FILE]...
 // Writes OUT.png (batch > 1: OUT-0.png, OUT-1.png, ...); --latent also writes the sampled latent as raw
-// float32 values (for comparisons with Python's Engine).
+// float32 values (for comparisons with Python's Engine). PROMPT and --negative take AUTOMATIC1111's syntax
+// ((word:1.3), [word], BREAK; CLIP engines: any length); --embedding loads a textual-inversion .safetensors.
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include "ldmrt/engine.h"
 #include "png.h"
@@ -15,13 +17,14 @@ int main(int argc, char** argv) {
   if (argc < 4) {
     std::cerr << "usage: " << argv[0] << " ENGINE PROMPT OUT.png [--steps N] [--seed S] [--guidance G] [--sampler NAME]"
               << " [--size PX] [--batch B] [--class LABEL] [--threads T] [--latent OUT.f32] [--cache N]"
-              << " [--guidance-from F] [--guidance-until F]\n";
+              << " [--guidance-from F] [--guidance-until F] [--negative TEXT] [--clip-skip N] [--embedding FILE]...\n";
     return 2;
   }
   const std::string engine_dir = argv[1], out = argv[3];
   ldmrt::GenerateOptions options{.prompt = argv[2], .steps = 50, .seed = 0};
   ldmrt::EngineOptions engine_options;
   std::string latent_file;
+  std::vector<std::string> embedding_files;
   for (int i = 4; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--steps") options.steps = std::stoi(value);
@@ -37,10 +40,15 @@ int main(int argc, char** argv) {
     else if (flag == "--cache-schedule") options.cache_schedule = value;
     else if (flag == "--guidance-from") options.guidance_from = std::stod(value);
     else if (flag == "--guidance-until") options.guidance_until = std::stod(value);
+    else if (flag == "--negative") options.negative_prompt = value;
+    else if (flag == "--clip-skip") options.clip_skip = std::stoi(value);
+    else if (flag == "--embedding") embedding_files.push_back(value);
     else { std::cerr << "unknown option " << flag << "\n"; return 2; }
   }
   try {
     ldmrt::Engine engine(engine_dir, engine_options);
+    for (const std::string& file : embedding_files)
+      for (const std::string& trigger : engine.load_embedding(file)) std::cout << "embedding " << trigger << " from " << file << "\n";
     if (engine.summary().conditioning != "text") options.prompt.clear();  // PROMPT is ignored ("")
     const ldmrt::Latent latent = engine.generate_latent(options);
     if (!latent_file.empty()) {

@@ -19,6 +19,8 @@ import importlib
 from ..errors import EngineError
 
 BACKENDS = ("onnxruntime", "openvino", "torch", "aoti", "tensorrt")
+# Those whose runtime object changes weights in a loaded engine (weight_shapes, set_weight_deltas: LoRA).
+LORA_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
 def backend_module(name: str):
@@ -48,4 +50,5 @@ def graphs_needed(module, summary: dict) -> set[str]:
     """The graphs an engine of this backend must hold for its model (checked by Engine.load)."""
     if getattr(module, "GRAPHS", None):
         return set(module.GRAPHS)
-    return {"unet", "decoder"} | ({"cond_stage"} if summary["conditioning"] in ("text", "class") else set())
+    cond_stage = summary["conditioning"] in ("text", "class", "segmentation", "tokens", "text_inpainting")
+    return {"unet", "decoder"} | ({"cond_stage"} if cond_stage else set())

@@ -21,11 +21,13 @@ OPTIONS = ()
 
 def export(model, out, *, summary, fp16, progress) -> Exported:
     from ..export.aoti import MAX_BATCH, MAX_LATENT, export_aoti
+    from ..export.graphs import MAX_CONTEXT_WINDOWS
     graphs = export_aoti(model, out, fp16=fp16, progress=progress)
     # MAX_BATCH bounds the UNet's batch, which guidance doubles.
     return Exported("fp16" if fp16 else "fp32", graphs, "cpu", {
         "batch": [1, MAX_BATCH // 2], "size_multiple": summary["size_multiple"],
-        "max_size": MAX_LATENT * summary["latent_factor"]})
+        "max_size": MAX_LATENT * summary["latent_factor"],
+        **({"max_context_windows": MAX_CONTEXT_WINDOWS} if summary.get("long_prompts") else {})})
 
 
 def load(folder, manifest, **_) -> "AotiBackend":

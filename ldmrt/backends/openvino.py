@@ -66,6 +66,8 @@ class OpenVinoBackend(Backend):
         super().__init__(io)
         self._compiled = {}  # (graph, input shapes) -> openvino InferRequest
         self.compiled_precision: str | None = None
+        self._weights = None  # {graph: {weight name: export.weight_names.WeightInitializer}}, read on first use
+        self._merged: dict[str, dict] = {}  # {graph: {initializer: merged array}} replacing the file's constants
 
     @property
     def running_precision(self) -> str:
@@ -85,9 +87,60 @@ class OpenVinoBackend(Backend):
         key = (graph, shapes)
         if key not in self._compiled:
             model = self.core.read_model(self.files[graph])
+            self._replace_constants(model, self._merged.get(graph, {}))
             model.reshape({name: ov.PartialShape(list(shape)) for name, shape in zip(self._io[graph][0], shapes)})
             compiled = self.core.compile_model(model, "CPU", self.config)
             # what the plugin really runs: a CPU without bf16 instructions falls back to f32
             self.compiled_precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
             self._compiled[key] = compiled.create_infer_request()
         return self._compiled[key]
+
+    # --- weights swapped without a rebuild (LoRA: ldmrt/lora.py) -------------------------------------------
+    # OpenVINO compiles the read model per shape anyway (_request): a LoRA replaces the initializers' Constant nodes
+    # (named as the initializers) of the read model before that compile; the compiled models of the graphs it
+    # touches are dropped and compiled again on next use (README "LoRA": seconds, against an export for a rebuild).
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{model weight name: shape (torch's layout)} of the weights the graphs hold on their own."""
+        return {name: w.shape for weights in self._weight_map().values() for name, w in weights.items()}
+
+    def set_weight_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Each weight = its value in the graph file + deltas.get(name); graphs whose weights change are compiled
+        again on next use (without any delta: from the file alone, so the base is exact)."""
+        import onnx
+        from onnx import numpy_helper
+        for graph, weights in self._weight_map().items():
+            touched = {w.initializer: (w, deltas[name]) for name, w in weights.items() if name in deltas}
+            if not touched and graph not in self._merged:
+                continue
+            merged = {}
+            if touched:
+                path = Path(self.files[graph])
+                for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
+                    if tensor.name in touched:
+                        w, delta = touched[tensor.name]
+                        base = numpy_helper.to_array(tensor, base_dir=str(path.parent))
+                        delta = delta.detach().float().cpu().numpy()
+                        merged[tensor.name] = (base.astype("float32") + (delta.T if w.transposed else delta)).astype(
+                            base.dtype)
+                self._merged[graph] = merged
+            else:
+                del self._merged[graph]
+            self._compiled = {key: request for key, request in self._compiled.items() if key[0] != graph}
+
+    @staticmethod
+    def _replace_constants(model, arrays: dict) -> None:
+        import openvino as ov
+        if not arrays:
+            return
+        for op in model.get_ops():
+            if op.get_type_name() == "Constant" and op.get_friendly_name() in arrays:
+                op.output(0).replace(ov.op.Constant(arrays[op.get_friendly_name()]).output(0))
+
+    def _weight_map(self) -> dict:
+        if self._weights is None:
+            import onnx
+
+            from ..export.weight_names import weight_initializers
+            self._weights = {graph: weight_initializers(onnx.load(path, load_external_data=False).graph)
+                             for graph, path in self.files.items()}
+        return self._weights

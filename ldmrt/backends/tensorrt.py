@@ -36,7 +36,7 @@ import torch
 
 from ..errors import EngineError, InputError
 from ldmrt.export.trt import fingerprint, import_tensorrt, refit, require_cuda, trt_logger
-from ..manifest import graph_files
+from ..manifest import graph_files, listed_file
 from .base import Backend, Exported
 
 NAME = "tensorrt"
@@ -158,6 +158,9 @@ class TensorRTBackend(Backend):
             self._scratch = torch.empty(max([e.memory_size() for e in self.engines.values()] + [1]),
                                         dtype=torch.uint8, device=self.device)
         super().__init__({name: (e.inputs, e.outputs) for name, e in self.engines.items()})
+        # LoRA (set by from_manifest): {graph: (base weights file, {torch name: (initializer, transposed)})}
+        self.lora_weights: dict[str, tuple[Path, dict]] = {}
+        self._refitted: dict[str, set[str]] = {}  # {graph: initializers the last set_weight_deltas changed}
 
     @classmethod
     def from_manifest(cls, path: Path, manifest: dict, **kwargs) -> "TensorRTBackend":
@@ -165,7 +168,11 @@ class TensorRTBackend(Backend):
         trt = import_tensorrt(f"{path} holds TensorRT engines; they")
         require_cuda(f"{path} holds TensorRT engines; they")
         check_fingerprint(manifest.get("device", {}), fingerprint(trt, kwargs.get("device")), path)
-        return cls(graph_files(path, manifest), {g: d.get("profile") for g, d in manifest["graphs"].items()}, **kwargs)
+        backend = cls(graph_files(path, manifest), {g: d.get("profile") for g, d in manifest["graphs"].items()},
+                      **kwargs)
+        backend.lora_weights = {g: (listed_file(path, manifest, d["lora_weights"]), d["weight_names"])
+                                for g, d in manifest["graphs"].items() if d.get("lora_weights")}
+        return backend
 
     # --- running --------------------------------------------------------------------------------
     def _run(self, graph: str, inputs: list[torch.Tensor]):
@@ -242,6 +249,58 @@ class TensorRTBackend(Backend):
         with torch.cuda.device(self.device):
             self.stream.synchronize()
             refit(self.trt, eng.engine, Path(onnx_path))
+        eng.signatures.clear()  # captured graphs may point at the old weights
+
+    # --- LoRA: refits from the base weights the engine folder holds (export.tensorrt.save_lora_weights) ----------
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{torch weight name: shape} of what set_weight_deltas can change (refittable engines only)."""
+        if not self.lora_weights:
+            raise EngineError("this TensorRT engine was built without refit support, so it runs no LoRA: rebuild it "
+                              "with --refit")
+        from safetensors import safe_open
+        shapes = {}
+        for file, names in self.lora_weights.values():
+            with safe_open(str(file), "np") as f:
+                for name, (initializer, transposed) in names.items():
+                    shape = tuple(f.get_slice(initializer).get_shape())
+                    shapes[name] = shape[::-1] if transposed else shape
+        return shapes
+
+    def set_weight_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Refit each graph whose weights change: base (from the engine folder) + delta for the weights in
+        `deltas`, the base for those a previous call changed. (Unverified: no GPU with TensorRT here.)"""
+        import numpy as np
+        from safetensors import safe_open
+        for graph, (file, names) in self.lora_weights.items():
+            touched = {initializer: (transposed, deltas[name]) for name, (initializer, transposed) in names.items()
+                       if name in deltas}
+            restore = self._refitted.get(graph, set()) - set(touched)
+            if not touched and not restore:
+                continue
+            arrays = {}
+            with safe_open(str(file), "np") as f:
+                for initializer in [*touched, *restore]:
+                    base = f.get_tensor(initializer)
+                    if initializer in touched:
+                        transposed, delta = touched[initializer]
+                        delta = delta.detach().float().cpu().numpy()
+                        base = (base.astype(np.float32) + (delta.T if transposed else delta)).astype(base.dtype)
+                    arrays[initializer] = np.ascontiguousarray(base)
+            self._refit_named(graph, arrays)
+            self._refitted[graph] = set(touched)
+
+    def _refit_named(self, graph: str, arrays: dict) -> None:
+        eng = self.engines[graph]
+        trt = self.trt
+        with torch.cuda.device(self.device):
+            self.stream.synchronize()
+            refitter = trt.Refitter(eng.engine, trt_logger(trt))
+            for name, array in arrays.items():  # the arrays outlive the refit: TensorRT reads them there
+                if not refitter.set_named_weights(name, trt.Weights(array)):
+                    raise EngineError(f"TensorRT refused the weights {name} of {graph} (shape {array.shape}): "
+                                      "rebuild the engine with --refit")
+            if not refitter.refit_cuda_engine():
+                raise EngineError(f"TensorRT could not refit {graph}: rebuild the engine with --refit")
         eng.signatures.clear()  # captured graphs may point at the old weights
 
     def clear(self) -> None:

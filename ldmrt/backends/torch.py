@@ -75,6 +75,8 @@ class TorchBackend(Backend):
         cast_graph(model.to(self.device), dtype).eval()
         if channels_last:
             model.to(memory_format=torch.channels_last)  # only 4-d tensors (the conv weights) change layout
+        self.model = model
+        self._base_weights: dict[str, torch.Tensor] = {}  # weights changed by set_weight_deltas, as loaded
         self._modules = graph_modules(model)
         super().__init__({name: (m.input_names, m.output_names) for name, m in self._modules.items()})
         self._graphed = {}
@@ -100,3 +102,25 @@ class TorchBackend(Backend):
             else:
                 outputs = self._modules[graph](*[x.to(self.device) for x in inputs])
         return outputs if isinstance(outputs, tuple) else (outputs,)
+
+    # --- weights changed in place (LoRA: ldmrt/lora.py) ----------------------------------------------------
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{parameter name: shape} of what set_weight_deltas can change: every parameter."""
+        return {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+
+    def set_weight_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Each parameter = its loaded value + deltas.get(name) (summed in float32, cast to its dtype), in place:
+        the modules keep their tensors, so CUDA graphs captured on them stay valid. The loaded values of changed
+        parameters are kept; one without a delta is copied back from them, bit for bit, and they are dropped."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name in [*self._base_weights, *(n for n in deltas if n not in self._base_weights)]:
+                param = params[name]
+                if name not in self._base_weights:
+                    self._base_weights[name] = param.detach().clone()
+                base = self._base_weights[name]
+                if name in deltas:
+                    param.copy_(base.float() + deltas[name].to(param.device))
+                else:
+                    param.copy_(base)
+                    del self._base_weights[name]

@@ -79,8 +79,11 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, hgt, wid = x.shape
         h = ops.group_norm(x, self.norm)
-        # (B, C, H, W) -> (B, 1 head, H*W, C)
-        q, k, v = (conv(h).reshape(b, 1, c, hgt * wid).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        # (B, C, H, W) -> (B, 1 head, H*W, C), contiguous: torch's CPU SDPA takes its flash kernel (no tokens^2
+        # scores) only for a unit-stride last axis; the transposed view took the math path (measured at 128x128
+        # tokens: 2.4 GB more peak, 3.3 s against 2.6 s).
+        q, k, v = (conv(h).reshape(b, 1, c, hgt * wid).transpose(2, 3).contiguous()
+                   for conv in (self.q, self.k, self.v))
         h = ops.attention(q, k, v).transpose(2, 3).reshape(b, c, hgt, wid)
         return x + self.proj_out(h)
 

@@ -238,6 +238,14 @@ class CLIPEncoder(nn.Module):
             x = layer(x)
         return x
 
+    def every_layer(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of each layer, first to last (transformers' hidden_states[1:])."""
+        outputs = []
+        for layer in self.layers:
+            x = layer(x)
+            outputs.append(x)
+        return outputs
+
 
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, vocab_size: int, width: int, positions: int):
@@ -246,7 +254,11 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(positions, width)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+        return self.with_positions(self.token_embedding(ids))
+
+    def with_positions(self, token_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, width), looked up by the caller (textual inversion rows included), + positions."""
+        return token_embeds + self.position_embedding.weight[: token_embeds.shape[1]]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # SD v1 checkpoints (and transformers < 4.31) store the constant `position_ids` = arange(77); it is
@@ -284,6 +296,10 @@ class FrozenCLIPEmbedder(nn.Module):
     The size keywords default to CLIP ViT-L/14's text tower and exist for small test models.
     """
 
+    # Prompts longer than one window are encoded as several and concatenated (ldmrt/prompts.py), as SD users expect
+    # from AUTOMATIC1111's web UI: the UNet's cross-attention takes any context length.
+    long_prompts = True
+
     def __init__(self, version: str = "openai/clip-vit-large-patch14", device=None, max_length: int = 77,
                  tokenizer=None, *, vocab_size: int = 49408, hidden_size: int = 768, num_hidden_layers: int = 12,
                  num_attention_heads: int = 12, intermediate_size: int = 3072, max_position_embeddings: int = 77,
@@ -305,6 +321,27 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def encode(self, text: str | list[str] | torch.Tensor) -> torch.Tensor:
         return self(text)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token table: textual inversion puts rows of its own beside its rows (encode_layers(token_embeds=))."""
+        return self.transformer.text_model.embeddings.token_embedding
+
+    def encode_layers(self, ids: torch.Tensor | None = None, *, token_embeds: torch.Tensor | None = None):
+        """(context, layer_contexts) of token ids (B, L), or of token embeddings (B, L, width) looked up outside.
+
+        context is forward's output; layer_contexts (B, layers, L, width) holds final_layer_norm of each encoder
+        layer's output, first to last: CLIP skip n (AUTOMATIC1111's numbering, 1 = the last layer; diffusers'
+        clip_skip = n - 1) is layer_contexts[:, -n], and layer_contexts[:, -1] equals context."""
+        text = self.transformer.text_model
+        x = text.embeddings(ids) if token_embeds is None else text.embeddings.with_positions(token_embeds)
+        layers = text.encoder.every_layer(x)
+        return text.final_layer_norm(layers[-1]), text.final_layer_norm(torch.stack(layers, dim=1))
+
+
+def long_prompt_window(cond_stage) -> int | None:
+    """Tokens per window of a text encoder that takes long prompts as several windows (CLIP), else None."""
+    return cond_stage.max_length if getattr(cond_stage, "long_prompts", False) else None
 
 
 # ---- non-text conditioners ----

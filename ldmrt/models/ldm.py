@@ -186,3 +186,21 @@ def eps_from_x0(alphas_cumprod: torch.Tensor, x: torch.Tensor, t: torch.Tensor, 
     hi = (lo + 1).clamp(max=ac.shape[0] - 1)
     a = (ac[lo] + (t - lo) * (ac[hi] - ac[lo])).view(-1, *[1] * (x.dim() - 1))
     return ((x.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()).to(x.dtype)
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """RunwayML's SD inpainting model (`ldm.models.diffusion.ddpm.LatentInpaintDiffusion`): conditioning_key hybrid,
+    the UNet's input [x, mask, masked-image latent] (its concat_keys order) and CLIP text by cross-attention.
+    Only the data keys differ from LatentDiffusion, so the module tree and checkpoints are the same."""
+
+    CONCAT_KEYS = ("mask", "masked_image")
+
+    def __init__(self, *args, concat_keys=CONCAT_KEYS, masked_image_key: str = "masked_image", finetune_keys=None,
+                 **kwargs):
+        if tuple(concat_keys) != self.CONCAT_KEYS or masked_image_key != "masked_image":
+            # generate builds exactly this concat; another order would be fed the wrong channels
+            raise ValueError(f"concat_keys {list(concat_keys)} / masked_image_key {masked_image_key!r}: ldmrt runs "
+                             f"RunwayML's {list(self.CONCAT_KEYS)} with masked_image_key 'masked_image'")
+        super().__init__(*args, **kwargs)
+        if self.conditioning_key != "hybrid":
+            raise ValueError(f"LatentInpaintDiffusion needs conditioning_key 'hybrid', not {self.conditioning_key!r}")

@@ -13,6 +13,7 @@ Which implementation runs is chosen per call by the environment variable LDMRT_K
 `attention_reference` and `group_norm_reference` are the references: plain torch, statistics in at
 least fp32.
 """
+import contextlib
 import functools
 import importlib
 import os
@@ -23,10 +24,18 @@ from torch import nn
 
 KERNELS_ENV = "LDMRT_KERNELS"
 KERNEL_CHOICES = ("auto", "triton", "torch")
+# How attention is written into ONNX graphs while export/onnx.py traces (`onnx_attention`): "materialised" (MatMul,
+# Softmax, MatMul: what every ONNX consumer reads, holding tokens^2 scores) or "fused" (ONNX Runtime's
+# com.microsoft MultiHeadAttention, whose CPU kernel is a flash attention: measured in README "Beyond the training
+# size").
+ONNX_ATTENTION_CHOICES = ("materialised", "fused")
+_onnx_attention = "materialised"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, Nq, d) and k, v (B, H, Nk, d); `causal` masks j > i."""
+    if not causal and _onnx_attention == "fused" and torch.onnx.is_in_onnx_export():
+        return _fused_onnx_attention(q, k, v)
     kernels = _triton_kernels("attention", q)
     if kernels is not None and kernels.supports(q, k, v):
         return kernels.attention(q, k, v, causal=causal)
@@ -55,6 +64,48 @@ def group_norm_reference(x, norm, silu=False):
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)
+
+
+@contextlib.contextmanager
+def onnx_attention(kind: str):
+    """While exporting, write non-causal attention as `kind` (ONNX_ATTENTION_CHOICES). A module-level switch
+    because the model code is shared by every backend: only the ONNX exporter decides how attention is spelled."""
+    global _onnx_attention
+    if kind not in ONNX_ATTENTION_CHOICES:
+        raise ValueError(f"onnx attention {kind!r}: expected one of {', '.join(ONNX_ATTENTION_CHOICES)}")
+    previous, _onnx_attention = _onnx_attention, kind
+    try:
+        yield
+    finally:
+        _onnx_attention = previous
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """q, k, v (B, N, heads * d) -> (B, Nq, heads * d); exported as one com.microsoft MultiHeadAttention node
+    (scale 1/sqrt(d), its default). Traced only: eager calls never reach it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads: int, width: int):
+        def split(t):
+            return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+        return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads: int, width: int):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+        # The query's type (v and q have the same width here) with batch and tokens unknown: a static size would
+        # be folded into the reshapes after it, fixing the graph to the traced size.
+        out.setType(q.type().with_sizes([None, None, width]))
+        return out
+
+
+def _fused_onnx_attention(q, k, v):
+    heads, width = int(q.shape[1]), int(q.shape[1] * q.shape[3])
+
+    def join(t):  # (B, H, N, d) -> (B, N, H * d), the layout MultiHeadAttention takes
+        return t.transpose(1, 2).flatten(2)
+    out = _MultiHeadAttention.apply(join(q), join(k), join(v), heads, width)
+    return out.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def kernel_choice() -> str:

@@ -7,7 +7,9 @@
 //
 // (Designated initialisers are C++20; in C++17 set the fields one by one.) This header needs no torch
 // headers; link the CMake target ldmrt::ldmrt (find_package(ldmrt), see examples/cpp). CPU engines only;
-// text, class-conditional and unconditional models (Python's Engine covers the image-conditioned ones).
+// text, class-conditional and unconditional models (Python's Engine covers the image-conditioned ones). Prompts
+// read as Python reads them: AUTOMATIC1111's syntax and long prompts (ldmrt/prompts.h), CLIP skip, textual
+// inversion from .safetensors; no LoRA (AOTInductor engines take none).
 // An Engine is not thread-safe: use one per thread, or serialise calls.
 #pragma once
 #include <cstdint>
@@ -36,7 +38,9 @@ struct EngineOptions {
 // {.prompt = ..., .steps = ..., .seed = ...} read naturally (every member has an initialiser, so designated
 // initialisers may leave any out).
 struct GenerateOptions {
-  std::string prompt{};          // text models
+  // Text models. AUTOMATIC1111's syntax (ldmrt/prompts.h): (word:1.3), [word], escapes, BREAK; CLIP engines take
+  // any length as 75-token windows (up to the engine's max_context_windows), LDM-BERT one window (longer: an error).
+  std::string prompt{};
   int steps = 50;
   std::uint64_t seed = 0;        // x_T is Philox stream 0 of the seed, the samplers' noise streams 1, 2, ...
   std::optional<double> guidance_scale{};  // unset: 5 where the model has an unconditional input, else none
@@ -48,14 +52,17 @@ struct GenerateOptions {
   int height = 0, width = 0;     // 0: the model's default size; else multiples of summary().size_multiple
   int batch_size = 1;
   std::optional<std::int64_t> class_label{};  // class-conditional models
-  // Token ids instead of prompt / negative_prompt (a host with its own tokenizer): max_length ids each, as
-  // the cond stage takes them. Empty: the engine's tokenizer tokenises the text.
+  // Token ids instead of prompt / negative_prompt (a host with its own tokenizer): one window of max_length ids
+  // each, as the cond stage takes them, unweighted. Empty: the prompt is parsed and tokenised here.
   std::vector<std::int64_t> token_ids{}, negative_token_ids{};
   // Doing less per image, as Python's cache_interval and guidance_interval (SamplerConfig): the full UNet every
   // cache_interval-th step and its shallow branch between; guidance only on steps in [from, until).
   int cache_interval = 1;
   std::string cache_schedule = "uniform";  // or "quadratic"
   double guidance_from = 0, guidance_until = 1;
+  // CLIP skip (CLIP engines): the text encoder layer, counted from the last, whose output through the final layer
+  // norm conditions the UNet; 1 is the last layer. AUTOMATIC1111's numbering (diffusers' clip_skip + 1).
+  int clip_skip = 1;
 };
 
 struct Image {
@@ -76,6 +83,9 @@ struct ModelSummary {
   std::int64_t num_classes = 0;
   std::optional<std::int64_t> uncond_class;
   bool unconditional_input = false;  // classifier-free guidance possible (computed by ldmrt/manifest.py)
+  bool long_prompts = false;  // CLIP: prompts of any length, as windows of context_window tokens
+  int context_window = 0;
+  int clip_layers = 0;        // CLIP: the text encoder's layers (clip_skip's range), 0 elsewhere
 };
 
 class Engine {
@@ -90,6 +100,12 @@ class Engine {
   // The sampled latent, before the decoder (Python: output_type="latent").
   Latent generate_latent(const GenerateOptions& options);
   std::vector<Image> decode(const Latent& latent);
+
+  // Textual inversion (CLIP engines): reads an AUTOMATIC1111 .safetensors ({"emb_params": (n, width)}; trigger
+  // word: the file's stem) or a diffusers learned_embeds.safetensors ({token: (width,) or (n, width)}) and returns
+  // its trigger words; where one stands in a later prompt, its vectors take the place of its tokens. Pickles
+  // (.pt, .bin) are refused: convert them to .safetensors (the message says how). Reading a file again replaces it.
+  std::vector<std::string> load_embedding(const std::string& path);
 
   const ModelSummary& summary() const;
   const Tokenizer* tokenizer() const;  // nullptr when the engine has no tokenizer files

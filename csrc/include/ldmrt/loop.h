@@ -52,6 +52,43 @@ struct Workspace {
   Workspace& operator=(const Workspace&) = delete;
 };
 
+// One request's plan run step by step, so that a server can batch the model evaluations of several requests (at
+// different stages, of different plans) into one call: next() names the evaluation the current stage needs,
+// apply(eps) makes the stage's update and moves on. run_plan is this loop with one model call per stage.
+// The latent, inputs and workspace stay the caller's and must outlive the stepper.
+template <typename Real>
+class Stepper {
+ public:
+  struct Evaluation {
+    const Real* input;  // count values, or 2 * count ([x; x]: uncond, cond) when doubled
+    std::size_t count;
+    double timestep;
+    bool doubled;  // guided run and guided stage
+    bool shallow;  // DeepCache: the UNet's shallow branch on the last full evaluation's deep feature
+  };
+  // Checks the inputs and forms the initial latent from x_T (and x0 for img2img) in place.
+  Stepper(Plan plan, Real* latent, std::size_t count, NoiseSource<Real> noise, const LoopInputs<Real>& inputs,
+          Workspace<Real>& workspace);
+  bool done() const { return stage_ >= plan_.stages.size(); }
+  std::size_t stage() const { return stage_; }  // evaluations applied so far
+  // The current stage's evaluation; makes its inpainting blend (and noise draw) on the first call per stage.
+  Evaluation next();
+  // Applies the current stage's update with the model's output for next()'s input (2 * count values when
+  // doubled), then advances; eps must not alias the workspace.
+  void apply(const Real* eps);
+
+ private:
+  Plan plan_;
+  Real* latent_;
+  std::size_t count_;
+  NoiseSource<Real> noise_;
+  LoopInputs<Real> in_;
+  Workspace<Real>* ws_;
+  std::size_t stage_ = 0;
+  int draw_ = 0;
+  bool prepared_ = false;  // next() already ran for this stage
+};
+
 // Runs the plan in place: `latent` holds x_T (count values) on entry and the sample on return.
 // Throws std::invalid_argument for missing inputs, or what the model or noise source throws.
 template <typename Real>

@@ -25,6 +25,14 @@ class Tokenizer {
   virtual std::vector<std::int64_t> encode(std::string_view utf8_text) const = 0;
   virtual std::string kind() const = 0;  // "bert" or "clip"
   int max_length() const { return max_length_; }
+  // The text's ids without start/end tokens, truncation or padding (Python's encode_plain): what prompt
+  // chunking (ldmrt/prompts.h) splits into windows itself.
+  virtual std::vector<std::int64_t> tokenize(std::string_view utf8_text) const = 0;
+  virtual std::int64_t start_id() const = 0;  // [CLS] / <|startoftext|>
+  virtual std::int64_t end_id() const = 0;    // [SEP] / <|endoftext|>
+  virtual std::int64_t pad_id() const = 0;    // [PAD] / <|endoftext|> (SD v1 pads with it)
+  // The id of one vocabulary entry (e.g. ",</w>"), or -1 when the vocabulary has none.
+  virtual std::int64_t token_id(const std::string& token) const = 0;
 
   // The tokenizer whose files lie in `folder` or its tokenizer/ subfolder. kind: "bert", "clip" or ""
   // (whichever is there; both present is an error). Throws std::runtime_error when files are missing.
@@ -44,7 +52,11 @@ class WordPieceTokenizer : public Tokenizer {
   std::vector<std::int64_t> encode(std::string_view utf8_text) const override;
   std::string kind() const override { return "bert"; }
   // The word-piece ids of the text, without start/end tokens or padding.
-  std::vector<std::int64_t> tokenize(std::string_view utf8_text) const;
+  std::vector<std::int64_t> tokenize(std::string_view utf8_text) const override;
+  std::int64_t start_id() const override { return cls_; }
+  std::int64_t end_id() const override { return sep_; }
+  std::int64_t pad_id() const override { return pad_; }
+  std::int64_t token_id(const std::string& token) const override;
 
  private:
   WordPieceTokenizer(std::unordered_map<std::string, std::int64_t> vocab, int max_length);
@@ -62,7 +74,11 @@ class ClipTokenizer : public Tokenizer {
                                                    int max_length = 77);
   std::vector<std::int64_t> encode(std::string_view utf8_text) const override;
   std::string kind() const override { return "clip"; }
-  std::vector<std::int64_t> tokenize(std::string_view utf8_text) const;
+  std::vector<std::int64_t> tokenize(std::string_view utf8_text) const override;
+  std::int64_t start_id() const override { return bos_; }
+  std::int64_t end_id() const override { return eos_; }
+  std::int64_t pad_id() const override { return eos_; }
+  std::int64_t token_id(const std::string& token) const override;
 
  private:
   ClipTokenizer(std::unordered_map<std::string, std::int64_t> vocab,
