@@ -34,6 +34,10 @@ A1111_ALIASES = {"k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_eule
                  "k_heun": "Heun", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpmpp_2s_a": "DPM++ 2S a",
                  "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_2m_sde": "DPM++ 2M SDE"}
 # AUTOMATIC1111's scheduler names (modules/sd_schedulers.py) -> ldmrt grids.
+# The web UI takes a scheduler by its label ("Karras") or its name ("karras", what webuiapi sends): names -> labels.
+# (Its "uniform" is k-diffusion's grid, not ldmrt's CompVis "uniform": names are read through this table first.)
+A1111_SCHEDULER_NAMES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras",
+                         "exponential": "Exponential", "sgm_uniform": "SGM Uniform", "simple": "Simple"}
 A1111_SCHEDULERS = {"Automatic": None, "Uniform": KDIFFUSION_GRID, "Karras": "karras", "Exponential": "exponential",
                     "SGM Uniform": "sgm_uniform", "Simple": "simple"}
 

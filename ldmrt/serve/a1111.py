@@ -16,6 +16,7 @@ import secrets
 from ..errors import InputError
 from ..images import open_image
 from ..pipeline import MAX_SEED
+from ..schedulers import A1111_SCHEDULER_NAMES
 
 # The request fields ldmrt acts on; any other field a client sends is ignored and said so.
 TXT2IMG_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "sampler_index", "scheduler", "cfg_scale",
@@ -23,10 +24,7 @@ TXT2IMG_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "sampler
 IMG2IMG_FIELDS = TXT2IMG_FIELDS + ("init_images", "mask", "denoising_strength", "inpainting_mask_invert")
 DEFAULTS = {"prompt": "", "negative_prompt": "", "steps": 20, "cfg_scale": 7.0, "seed": -1, "batch_size": 1,
             "n_iter": 1, "denoising_strength": 0.75}  # the web UI's own defaults
-# The web UI takes a scheduler by its label ("Karras") or its name ("karras"; what webuiapi sends): names -> labels.
 # Its "Automatic" scheduler is the sampler's own grid: no override.
-SCHEDULER_NAMES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
-                   "sgm_uniform": "SGM Uniform", "simple": "Simple"}
 AUTOMATIC = ("", "Automatic", None)
 MAX_IMAGES = 64  # n_iter x batch_size per request
 
@@ -78,7 +76,7 @@ def requests(body: dict, *, img2img: bool, max_image_bytes: int) -> tuple[list[d
                          "request; send several requests")
     sampler = get("sampler_name") or get("sampler_index")
     scheduler = get("scheduler")
-    scheduler = SCHEDULER_NAMES.get(scheduler, scheduler) if isinstance(scheduler, str) else scheduler
+    scheduler = A1111_SCHEDULER_NAMES.get(scheduler, scheduler) if isinstance(scheduler, str) else scheduler
     common = {"prompt": get("prompt"), "negative_prompt": get("negative_prompt"), "steps": get("steps"),
               "guidance_scale": get("cfg_scale"), "height": get("height"), "width": get("width"), "eta": get("eta"),
               **({"sampler": sampler} if sampler else {}),
