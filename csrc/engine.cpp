@@ -11,9 +11,11 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <unordered_map>
 
 #include "ldmrt/json.h"
 #include "ldmrt/loop.h"
+#include "ldmrt/lora.h"
 #include "ldmrt/prompts.h"
 #include "ldmrt/rng.h"
 #include "ldmrt/safetensors.h"
@@ -31,6 +33,7 @@ constexpr const char* kFormat = "ldmrt-engine";
 constexpr int kFormatVersion = 2;  // ldmrt/manifest.py FORMAT_VERSION
 constexpr double kDefaultGuidance = 5.0;  // ldmrt/pipeline.py DEFAULT_GUIDANCE
 constexpr const char* kTokenTableKey = "weight";  // ldmrt/engine.py TOKEN_TABLE_KEY
+constexpr const char* kLoraTargets = "lora_targets.json";  // ldmrt/backends/aoti.py LORA_TARGETS
 
 struct Graph {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
@@ -106,6 +109,8 @@ struct Engine::Impl {
   at::Tensor token_table;     // (vocab, width) float32, read on first use
   std::vector<std::pair<std::string, at::Tensor>> embeddings;  // trigger word -> (n, width), in load order
   std::map<std::pair<std::string, int>, at::Tensor> context_cache;  // (prompt, clip skip) -> (1, L, D)
+  fs::path lora_targets_file;  // {component: {LoRA module name: weight name}}, written by the build; empty if none
+  std::map<std::pair<std::string, std::string>, at::Tensor> base_weights;  // (graph, weight) -> loaded value, while changed
 
   void load(const std::string& folder);
   const Graph& graph(const std::string& name) const;
@@ -116,6 +121,7 @@ struct Engine::Impl {
   at::Tensor ids_context(const std::vector<std::int64_t>& ids, int clip_skip);
   at::Tensor text_contexts(const GenerateOptions& o, bool guided);
   const at::Tensor& tokens_table();
+  void set_weight_deltas(const std::map<std::string, at::Tensor>& deltas);
 };
 
 void Engine::Impl::load(const std::string& folder) {
@@ -177,6 +183,7 @@ void Engine::Impl::load(const std::string& folder) {
       graph.package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(checked_file(dir, file, folder, rebuild).string());
       graphs.emplace(g.keys()[i], std::move(graph));
     }
+    if (files.find(kLoraTargets)) lora_targets_file = checked_file(dir, kLoraTargets, folder, rebuild);
     if (const json::Value* t = m.find("tokenizer"); t && !t->is_null()) {
       token_length = t->at("max_length").as_int();
       for (const json::Value& f : t->at("files").items())
@@ -382,6 +389,109 @@ std::vector<std::string> Engine::load_embedding(const std::string& file) {
   }
   e.context_cache.clear();  // cached prompts may hold a trigger word
   return triggers;
+}
+
+// Each weight of every graph = its loaded value + deltas (summed in float32, cast to its dtype), written into the
+// package's own buffers; the loaded values of changed weights are kept, and one without a delta gets them back bit
+// for bit. As ldmrt/backends/aoti.py set_weight_deltas (same float32 ops, so the same bits).
+void Engine::Impl::set_weight_deltas(const std::map<std::string, at::Tensor>& deltas) {
+  for (auto& [graph_name, g] : graphs) {
+    std::unordered_map<std::string, at::Tensor> update;
+    for (const auto& [name, value] : g.package->get_runner()->extract_constants_map(false)) {  // live buffers
+      const auto delta = deltas.find(name);
+      auto base = base_weights.find({graph_name, name});
+      if (delta == deltas.end() && base == base_weights.end()) continue;
+      if (base == base_weights.end()) base = base_weights.emplace(std::make_pair(graph_name, name), value.clone()).first;
+      if (delta != deltas.end()) {
+        update[name] = (base->second.to(at::kFloat) + delta->second).to(base->second.scalar_type());
+      } else {
+        update[name] = base->second;
+        base_weights.erase(base);
+      }
+    }
+    if (!update.empty()) g.package->load_constants(update, false, false);
+  }
+}
+
+static std::string tuple_text(at::IntArrayRef shape) {  // as Python prints a shape tuple
+  std::string s = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+static at::Tensor float_tensor(const SafeTensor& t, const std::string& where) {
+  const at::ScalarType type = float_type(t.dtype);
+  if (type == at::ScalarType::Undefined) throw std::invalid_argument(where + " is not a float tensor: the file is not a LoRA");
+  return at::from_blob(const_cast<std::uint8_t*>(t.data.data()), t.shape, type).to(at::kFloat, false, true);
+}
+
+// (alpha / rank) * up @ down, shaped as the weight (float32): ldmrt/lora.py module_delta.
+static at::Tensor module_delta(const LoraModule& m, at::IntArrayRef shape, const std::string& where) {
+  const at::Tensor up_full = float_tensor(m.up, where), down_full = float_tensor(m.down, where);
+  const at::Tensor up = up_full.flatten(1), down = down_full.flatten(1);
+  const std::int64_t rank = down.size(0);
+  const bool fits = up.size(0) == shape[0] && down.size(1) == c10::multiply_integers(shape.slice(1)) &&
+                    (down_full.dim() == 2 || down_full.sizes().slice(1) == shape.slice(1));
+  if (!fits)
+    throw std::invalid_argument(where + ": up " + tuple_text(up_full.sizes()) + " @ down " + tuple_text(down_full.sizes()) +
+                                " does not fit the weight " + tuple_text(shape) + ": the LoRA was made for another model "
+                                "(another size or SD version); pass one made for this model");
+  std::optional<double> alpha = m.peft_alpha;
+  if (m.alpha) alpha = float_tensor(*m.alpha, where + " alpha").item<double>();
+  const double scale = alpha ? *alpha / static_cast<double>(rank) : 1.0;
+  return (at::matmul(up, down) * scale).reshape(shape);
+}
+
+std::vector<LoraReport> Engine::set_loras(const std::vector<std::pair<std::string, double>>& loras) {
+  Impl& e = *impl_;
+  if (e.lora_targets_file.empty() && !loras.empty())
+    throw EngineError(e.path + " takes no LoRA: it has no " + kLoraTargets + " (a model without UNet or CLIP weights to "
+                      "adapt, or an engine built before LoRA support: rebuild it: ldmrt build --backend aoti -o " + e.path + ")");
+  std::map<std::pair<std::string, std::string>, std::string> targets;  // (component, module) -> weight name
+  std::map<std::string, at::Tensor> shapes;  // weight name -> a graph's tensor of it (its shape)
+  if (!loras.empty()) {
+    const json::Value table = json::Value::parse(json::read_file(e.lora_targets_file.string()));
+    for (std::size_t c = 0; c < table.size(); ++c)
+      for (std::size_t i = 0; i < table[c].size(); ++i) targets[{table.keys()[c], table[c].keys()[i]}] = table[c][i].as_string();
+    for (auto& [graph_name, g] : e.graphs)
+      for (const auto& [name, value] : g.package->get_runner()->extract_constants_map(false)) shapes.emplace(name, value);
+  }
+  std::map<std::string, at::Tensor> deltas;
+  std::vector<LoraReport> reports;
+  for (const auto& [path, strength] : loras) {
+    if (!std::isfinite(strength))
+      throw std::invalid_argument("LoRA strength of " + path + " is " + std::to_string(strength) +
+                                  ": give a finite number (1.0 is full strength)");
+    const LoraFile file = read_lora(path);
+    LoraReport report{path, strength, 0, {}, file.ignored};
+    for (const LoraModule& m : file.modules) {
+      const auto target = targets.find({m.component, m.name});
+      const auto weight = target == targets.end() ? shapes.end() : shapes.find(target->second);
+      if (weight == shapes.end()) {
+        report.unmatched.push_back(m.component + ":" + m.name);
+        continue;
+      }
+      const std::string& name = target->second;
+      const at::Tensor delta = module_delta(m, weight->second.sizes(), path + ": LoRA module " + m.name + " for " + name);
+      auto sum = deltas.find(name);
+      if (sum == deltas.end()) deltas.emplace(name, strength * delta);
+      else sum->second = sum->second + strength * delta;
+      ++report.matched;
+    }
+    if (!report.matched)
+      throw std::invalid_argument(path + ": none of its " + std::to_string(file.modules.size()) + " LoRA modules is a "
+                                  "module of this engine's UNet or text encoder (first: " + report.unmatched.front() +
+                                  "); ldmrt reads LoRAs of SD v1 models (kohya or diffusers layout): pass a LoRA made for this model");
+    reports.push_back(std::move(report));
+  }
+  e.context_cache.clear();  // the text encoder may change
+  try {
+    e.set_weight_deltas(deltas);
+  } catch (...) {  // never some graphs merged and others not: back to the base
+    e.set_weight_deltas({});
+    throw;
+  }
+  return reports;
 }
 
 Engine::Engine(const std::string& path, const EngineOptions& options) : impl_(std::make_unique<Impl>()) {

@@ -17,7 +17,7 @@ std::size_t safetensors_dtype_size(const std::string& dtype) {
   return it == sizes.end() ? 0 : it->second;
 }
 
-std::map<std::string, SafeTensor> read_safetensors(const std::string& path) {
+std::map<std::string, SafeTensor> read_safetensors(const std::string& path, std::map<std::string, std::string>* metadata) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw std::runtime_error(path + " cannot be opened");
   const std::uint64_t file_size = static_cast<std::uint64_t>(in.tellg());
@@ -42,7 +42,13 @@ std::map<std::string, SafeTensor> read_safetensors(const std::string& path) {
   std::map<std::string, SafeTensor> tensors;
   for (std::size_t i = 0; i < h.size(); ++i) {
     const std::string& name = h.keys()[i];
-    if (name == "__metadata__") continue;
+    if (name == "__metadata__") {
+      if (!metadata) continue;
+      if (!h[i].is_object()) throw bad("__metadata__ is not an object");
+      for (std::size_t j = 0; j < h[i].size(); ++j)
+        if (h[i][j].is_string()) (*metadata)[h[i].keys()[j]] = h[i][j].as_string();
+      continue;
+    }
     const json::Value& entry = h[i];
     SafeTensor t;
     std::uint64_t begin = 0, end = 0;

@@ -183,16 +183,11 @@ class Engine:
         engine without a rebuild; the same bits as before come back with []. Returns what each file matched
         (ldmrt.lora.Applied); a file with modules this model lacks is applied with a warning, one with none
         raises CheckpointError. The files are read where they are; nothing is written to the engine folder."""
-        from .backends import LORA_BACKENDS
         from .lora import lora_deltas, parse_specs
         specs = parse_specs(loras)
         key = tuple((path, strength, *_file_stamp(path)) for path, strength in specs)
         if key == self._lora_key:
             return self.lora_report
-        if not hasattr(self.backend, "set_weight_deltas"):
-            name = self.manifest["backend"]
-            raise EngineError(f"the {name} backend cannot change an engine's weights, so it runs no LoRA: build the "
-                              f"engine with --backend {' / '.join(LORA_BACKENDS)} to use LoRAs")
         deltas, report = lora_deltas(specs, self.backend.weight_shapes(), self.manifest["model"]["config"]) \
             if specs else ({}, [])
         self.context_cache = ContextCache()  # the text encoder may change

@@ -7,6 +7,7 @@
                          model.safetensors + config.yaml
       tokenizer/         the tokenizer's standard files (vocab.txt, or vocab.json + merges.txt)
       token_embedding.safetensors   CLIP engines: the token table, for prompts with textual-inversion embeddings
+      lora_targets.json  aoti engines: LoRA module name -> weight name (ldmrt.lora.target_names), for C++ hosts
 
 An engine folder is a closed world. Every path in the manifest is relative, normalised, inside the folder,
 reached through no symlink, names a regular file and is listed in "files" with its size and sha256; those are

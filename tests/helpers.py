@@ -162,6 +162,28 @@ def write_kohya_lora(path, folder, *, seed: int, rank: int = 4, alpha: float = 2
     return Path(path)
 
 
+def write_peft(folder, out_dir, *, seed, rank=4):
+    """A random LoRA saved by diffusers itself from PEFT adapters (unet.*/text_encoder.* lora_A/lora_B keys, the
+    adapter configs with lora_alpha != rank in the file's metadata)."""
+    import diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    torch.manual_seed(seed)
+    pipe = diffusers_pipeline(folder)
+    unet_cfg = LoraConfig(r=rank, lora_alpha=8, init_lora_weights=False,
+                          target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                          "ff.net.2", "conv1", "conv2", "time_emb_proj"])
+    text_cfg = LoraConfig(r=rank, lora_alpha=2, init_lora_weights=False,
+                          target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    inject_adapter_in_model(unet_cfg, pipe.unet)
+    inject_adapter_in_model(text_cfg, pipe.text_encoder)  # transformers' add_adapter wants a newer peft
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        out_dir, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=text_cfg.to_dict())
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
 # --- the READMEs' code blocks ---------------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -380,3 +380,97 @@ def test_cpp_host_refuses_what_python_refuses(example, sd_engine, engine_dir, tm
     assert done.returncode == 1 and "clip_skip must be an integer in 1.." in done.stderr
     done = run_host(example, engine_dir, tmp_path / "x.png", "a circle", "--embedding", files / "my-style.safetensors")
     assert done.returncode == 1 and "takes no textual-inversion embeddings" in done.stderr
+
+
+# ---- LoRA on aoti engines: Python's backend and the C++ host change the packages' weights in place ----
+
+LORA_SETTINGS = dict(steps=4, seed=5, sampler="ddim")
+
+
+@pytest.fixture(scope="module")
+def sd_loras(sd_engine):
+    """A kohya file (LoCon convolutions, text encoder) and a diffusers/PEFT one (lora_alpha in its metadata) for the
+    tiny SD folder the aoti engine was built from."""
+    pytest.importorskip("peft")
+    from helpers import write_kohya_lora, write_peft
+    folder = sd_engine.parent / "sd"
+    return {"kohya": write_kohya_lora(sd_engine.parent / "kohya.safetensors", folder, seed=1),
+            "peft": write_peft(folder, sd_engine.parent / "peft", seed=3)}
+
+
+@slow
+def test_aoti_engine_loras_match_eager_and_switch_back(sd_engine, sd_loras):
+    """Two files at strengths 0.8 and -0.5 == ldmrt's eager model with the merged weights (fp32 tolerance; measured
+    1.8e-6, the aoti engine's own distance from eager); switching back gives the base bits, and a set again its bits."""
+    from helpers import rel_l2
+    from ldmrt.backends.torch import TorchBackend
+    from ldmrt.checkpoint import load_model
+    from ldmrt.lora import lora_deltas, read_lora
+    engine = Engine.load(sd_engine)
+    base = engine.generate("a red circle", output_type="latent", **LORA_SETTINGS)
+    specs = [(str(sd_loras["kohya"]), 0.8), (str(sd_loras["peft"]), -0.5)]
+    report = engine.set_loras(specs)
+    assert [r.matched for r in report] == [len(read_lora(path).modules) for path, _ in specs]
+    model = load_model(str(sd_engine.parent / "sd"))
+    params = dict(model.named_parameters())
+    deltas, _ = lora_deltas(specs, {n: tuple(p.shape) for n, p in params.items()}, model.ldmrt_config)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            params[name].add_(delta)
+    eager = Engine(engine.path, engine.manifest, TorchBackend(model), engine.tokenizer)
+    merged = engine.generate("a red circle", output_type="latent", **LORA_SETTINGS)
+    assert rel_l2(merged, eager.generate("a red circle", output_type="latent", **LORA_SETTINGS)) <= 1e-5
+    assert rel_l2(merged, base) > 1e-2
+    for loras in (specs[:1], [], specs[::-1][:1], specs):
+        engine.set_loras(loras)
+    assert torch.equal(engine.generate("a red circle", output_type="latent", **LORA_SETTINGS), merged)
+    engine.set_loras([])
+    assert torch.equal(engine.generate("a red circle", output_type="latent", **LORA_SETTINGS), base)
+
+
+@slow
+def test_cpp_host_loras_give_python_latents_bit_for_bit(example, sd_engine, sd_loras, tmp_path):
+    """--lora FILE:STRENGTH, twice: the same deltas, summed in the same order, in the same packages: Python's latents."""
+    assert torch.get_num_threads() == THREADS
+    kohya, peft = sd_loras["kohya"], sd_loras["peft"]
+    latent = Engine.load(sd_engine).generate("a red circle", loras=[(str(kohya), 0.8), (str(peft), -0.5)],
+                                             output_type="latent", **LORA_SETTINGS).numpy()
+    done = run_host(example, sd_engine, tmp_path / "out.png", "a red circle", "--lora", f"{kohya}:0.8",
+                    "--lora", f"{peft}:-0.5", latent=tmp_path / "latent.f32", **LORA_SETTINGS)
+    assert done.returncode == 0, done.stderr
+    assert f"lora {kohya} at 0.8: " in done.stdout and f"lora {peft} at -0.5: " in done.stdout
+    cpp_latent = np.fromfile(tmp_path / "latent.f32", dtype=np.float32).reshape(latent.shape)
+    assert np.array_equal(cpp_latent, latent), f"max |diff| {np.abs(cpp_latent - latent).max()}"
+
+
+@slow
+def test_cpp_host_refuses_lora_files_as_python_does(example, sd_engine, sd_loras, tmp_path):
+    """A file without LoRA keys, one whose module this model lacks, factors that do not fit: Python's message; a
+    pickle: the conversion command; a partial match: applied, with the left-out modules said."""
+    from safetensors.torch import load_file, save_file
+
+    from ldmrt.errors import CheckpointError
+    kohya = load_file(str(sd_loras["kohya"]))
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    files = {"no_keys": {"foo.weight": torch.zeros(2, 2)},
+             "no_match": {"lora_unet_nowhere.lora_up.weight": torch.zeros(4, 2),
+                          "lora_unet_nowhere.lora_down.weight": torch.zeros(2, 4)},
+             "wrong_shape": {f"{name}.lora_up.weight": torch.zeros(3, 2), f"{name}.lora_down.weight": torch.zeros(2, 5)},
+             "partial": {**{k: v for k, v in kohya.items() if k.startswith(name)},
+                         "lora_unet_nowhere.lora_up.weight": torch.zeros(4, 2),
+                         "lora_unet_nowhere.lora_down.weight": torch.zeros(2, 4)}}
+    engine = Engine.load(sd_engine)
+    for case, tensors in files.items():
+        path = tmp_path / f"{case}.safetensors"
+        save_file(tensors, str(path))
+        done = run_host(example, sd_engine, tmp_path / "x.png", "a circle", "--lora", path, steps=1)
+        if case == "partial":
+            assert done.returncode == 0, done.stderr
+            assert "1 LoRA modules are not in this engine" in done.stderr and "unet:nowhere" in done.stderr
+            continue
+        with pytest.raises(CheckpointError) as python_error:
+            engine.set_loras([(str(path), 1.0)])
+        assert done.returncode == 1 and str(python_error.value) in done.stderr, (case, done.stderr)
+    torch.save(kohya, tmp_path / "old.pt")
+    done = run_host(example, sd_engine, tmp_path / "x.png", "a circle", "--lora", tmp_path / "old.pt", steps=1)
+    assert done.returncode == 1 and "Python pickles" in done.stderr and "old.safetensors" in done.stderr

@@ -17,10 +17,10 @@ peft = pytest.importorskip("peft")
 from ldmrt import Engine  # noqa: E402
 from ldmrt.backends.torch import TorchBackend  # noqa: E402
 from ldmrt.checkpoint import load_model  # noqa: E402
-from ldmrt.errors import CheckpointError, EngineError, InputError  # noqa: E402
+from ldmrt.errors import CheckpointError, InputError  # noqa: E402
 from ldmrt.export.graphs import graph_modules  # noqa: E402
 from ldmrt.lora import lora_deltas, parse_spec, parse_specs, read_lora  # noqa: E402
-from helpers import diffusers_pipeline, rel_l2, write_kohya_lora, write_tiny_sd_folder  # noqa: E402
+from helpers import diffusers_pipeline, rel_l2, write_kohya_lora, write_peft, write_tiny_sd_folder  # noqa: E402
 
 WORDS = ["a", "red", "circle", "blue", "square"]
 TOL = 1e-5  # fp32, the tolerance of the task; measured 0 (the same float32 sums as diffusers)
@@ -30,27 +30,6 @@ SETTINGS = dict(steps=4, guidance_scale=5.0, seed=3, height=32, width=32, output
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     return write_tiny_sd_folder(tmp_path_factory.mktemp("lora") / "sd", WORDS)
-
-
-def write_peft(folder, out_dir, *, seed, rank=4):
-    """A random LoRA saved by diffusers itself from PEFT adapters (unet.*/text_encoder.* lora_A/lora_B keys, the
-    adapter configs with lora_alpha != rank in the file's metadata)."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict
-    torch.manual_seed(seed)
-    pipe = diffusers_pipeline(folder)
-    unet_cfg = LoraConfig(r=rank, lora_alpha=8, init_lora_weights=False,
-                          target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                                          "ff.net.2", "conv1", "conv2", "time_emb_proj"])
-    text_cfg = LoraConfig(r=rank, lora_alpha=2, init_lora_weights=False,
-                          target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
-    inject_adapter_in_model(unet_cfg, pipe.unet)
-    inject_adapter_in_model(text_cfg, pipe.text_encoder)  # transformers' add_adapter wants a newer peft
-    diffusers.StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=text_cfg.to_dict())
-    return out_dir / "pytorch_lora_weights.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -407,13 +386,6 @@ def test_partial_match_is_applied_and_reported(engines, loras, tmp_path):
     assert report[0].unmatched == ["unet:no_such_block_to_q"] and report[0].matched > 0
     assert report[0].ignored == ["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"]
     engines["torch"].set_loras([])
-
-
-def test_backend_without_weight_swaps(engines):
-    engine = engines["torch"]
-    stub = Engine(engine.path, {**engine.manifest, "backend": "aoti"}, object(), engine.tokenizer)
-    with pytest.raises(EngineError, match="aoti backend .* runs no LoRA.*--backend torch / onnxruntime / openvino / tensorrt"):
-        stub.set_loras([("x.safetensors", 1.0)])
 
 
 def test_specs():

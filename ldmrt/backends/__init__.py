@@ -10,7 +10,8 @@ A backend is one module here, registered by its name in BACKENDS. Each module de
 and may define check_build() (what the machine lacks, said before any weights load) and GRAPHS (the graph
 names it writes, when they are not the contract's: graphs_needed). Modules import their
 runtime lazily, so that the registry can be read where a runtime is missing. The runtime objects share one
-interface, `base.Backend`: `.graphs`, `.device`, `.run(graph, **inputs)`.
+interface, `base.Backend`: `.graphs`, `.device`, `.run(graph, **inputs)`, and, for LoRA (ldmrt/lora.py), `.weight_shapes()`
+and `.set_weight_deltas(deltas)` (weights = loaded values + deltas, in the loaded engine: no rebuild).
 """
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import importlib
 from ..errors import EngineError
 
 BACKENDS = ("onnxruntime", "openvino", "torch", "aoti", "tensorrt")
-# Those whose runtime object changes weights in a loaded engine (weight_shapes, set_weight_deltas: LoRA).
-LORA_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
 def backend_module(name: str):

@@ -9,7 +9,7 @@
 // headers; link the CMake target ldmrt::ldmrt (find_package(ldmrt), see examples/cpp). CPU engines only;
 // text, class-conditional and unconditional models (Python's Engine covers the image-conditioned ones). Prompts
 // read as Python reads them: AUTOMATIC1111's syntax and long prompts (ldmrt/prompts.h), CLIP skip, textual
-// inversion from .safetensors; no LoRA (AOTInductor engines take none).
+// inversion from .safetensors; LoRA .safetensors files (ldmrt/lora.h) with strengths, switched without a rebuild.
 // An Engine is not thread-safe: use one per thread, or serialise calls.
 #pragma once
 #include <cstdint>
@@ -17,6 +17,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ldmrt/tokenizer.h"
@@ -65,6 +66,15 @@ struct GenerateOptions {
   int clip_skip = 1;
 };
 
+// What one LoRA file of the active set changed (Python: ldmrt.lora.Applied): `matched` modules; left out: the file's
+// modules this engine lacks (`unmatched`, "component:module") and its keys that are no LoRA factor (`ignored`).
+struct LoraReport {
+  std::string path;
+  double strength = 1.0;
+  int matched = 0;
+  std::vector<std::string> unmatched, ignored;
+};
+
 struct Image {
   int width = 0, height = 0;
   std::vector<std::uint8_t> rgb;  // height * width * 3 bytes, rows top to bottom
@@ -106,6 +116,14 @@ class Engine {
   // its trigger words; where one stands in a later prompt, its vectors take the place of its tokens. Pickles
   // (.pt, .bin) are refused: convert them to .safetensors (the message says how). Reading a file again replaces it.
   std::vector<std::string> load_embedding(const std::string& path);
+
+  // LoRA (the UNet and CLIP text encoder): makes `loras` [(file, strength), ...] the active set, as Python's
+  // Engine.set_loras: every weight a file adapts becomes its loaded value + the sum of strength * (alpha / rank) *
+  // up @ down over the files, in the loaded graphs; {} is the base model again, bit for bit. Throws
+  // std::invalid_argument for a file that cannot be read or matches no module of this engine (the active set is then
+  // left as it was); a file that matches only some modules is applied and its report lists the rest. Engines built
+  // without the LoRA table (lora_targets.json) take none: EngineError.
+  std::vector<LoraReport> set_loras(const std::vector<std::pair<std::string, double>>& loras);
 
   const ModelSummary& summary() const;
   const Tokenizer* tokenizer() const;  // nullptr when the engine has no tokenizer files

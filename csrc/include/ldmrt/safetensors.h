@@ -1,4 +1,4 @@
-// A minimal .safetensors reader for C++ hosts (textual-inversion files, the engine's token table): an 8-byte
+// A minimal .safetensors reader for C++ hosts (textual-inversion and LoRA files, the engine's token table): an 8-byte
 // little-endian header length, a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, then
 // the raw little-endian data. Plain C++17 (ldmrt::core); assumes a little-endian host (x86-64, ARM64).
 #pragma once
@@ -15,9 +15,10 @@ struct SafeTensor {
   std::vector<std::uint8_t> data;   // the tensor's bytes, row-major
 };
 
-// Every tensor of the file by name (the metadata is skipped). Throws std::runtime_error naming the path and what
-// is wrong (missing file, truncated data, a header that does not describe the bytes).
-std::map<std::string, SafeTensor> read_safetensors(const std::string& path);
+// Every tensor of the file by name, and its string metadata into `metadata` when given. Throws std::runtime_error
+// naming the path and what is wrong (missing file, truncated data, a header that does not describe the bytes).
+std::map<std::string, SafeTensor> read_safetensors(const std::string& path,
+                                                   std::map<std::string, std::string>* metadata = nullptr);
 
 // Bytes per element of a safetensors dtype; 0 for one this reader does not know.
 std::size_t safetensors_dtype_size(const std::string& dtype);
