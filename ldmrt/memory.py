@@ -4,9 +4,12 @@ A model's weights are counted on the meta device (no allocation) before they are
 activations are estimated from the model's memory profile (computed once at build time into the manifest's
 summary, `profile`) and its batch and size:
 
-    UNet     batch (x2 when guided) * latent pixels * bytes * (skip maps kept for the decoder half + the
-             widest working set: GEGLU feed-forward of a transformer block), + the attention matrices
-             heads * tokens^2 where the backend materialises them (ONNX graphs: MatMul + Softmax)
+    UNet     batch (x2 when guided) * latent pixels * bytes * the live maps at the graph's widest point (the
+             up path's first block at a level: its working set, its level's skip maps and the shallower levels'),
+             times what the backend's allocator holds beyond the live tensors (ALLOCATOR), + the attention
+             matrices heads * tokens^2 where the backend materialises them (ONNX graphs: MatMul + Softmax)
+    conditioning  inputs at the image's scale: a semantic-synthesis model's one-hot class maps (classes floats
+             per pixel) and the SpatialRescaler's first half-size stage
     decoder  batch * image pixels * bytes * channels at full resolution * DECODER_LIVE_MAPS, + the mid-block
              attention tokens^2 at latent resolution where materialised; decoded in tiles (ldmrt/tiling.py),
              the same for one tile's pixels, + the blended full-size image
@@ -38,6 +41,13 @@ OVERHEAD = 64 << 20  # allocator, thread pools, convolution workspaces: 30-90 MB
 MATERIALISED_UNET = {"onnxruntime", "openvino"}
 MATERIALISED_FIRST_STAGE = {"onnxruntime", "openvino", "aoti"}
 HEADROOM = 0.9  # of the available memory a request may plan to use
+# Bytes an allocator has touched at a graph's peak per byte of live tensors. ONNX Runtime's BFC arena grows in
+# power-of-two regions, keeps them and best-fits tensors into them, so it holds up to 2x the live tensors: SD v1's
+# UNet step at 512²-2048² holds 200, 800 and 3200 MB of live tensors (its optimised graph replayed in node order) and
+# peaked at 1.25x, 1.42x and 1.84x that (benchmarks/results/resolution*.json, README "Memory estimate"). torch eager
+# on CPU (malloc) peaked at 1.3-1.4x (diffusers' UNet, same architecture and run); the other backends are assumed so.
+ALLOCATOR = {"onnxruntime": 1.8}
+ALLOCATOR_DEFAULT = 1.4
 
 
 def profile(cfg: dict) -> dict:
@@ -47,24 +57,35 @@ def profile(cfg: dict) -> dict:
     mc, mult = unet["model_channels"], unet.get("channel_mult", [1])
     nrb = unet.get("num_res_blocks", 1)
     attn = set(unet.get("attention_resolutions", []))
-    skip = work = 0.0
+    # The widest point of the graph is the up path's first block at a level (the first level for SD v1): alive
+    # there are the skip maps of the shallower levels ((nrb + 1) each: every resnet/attention output and the
+    # downsampler), nrb of its own level's, and the block's working set. A transformer block's is its GEGLU
+    # feed-forward: the 8C projection with its two 4C halves sliced out (16C), and the residual stream and block
+    # input (2C); a resnet block's, on the concatenated 2C input: that input, its norm, SiLU and the conv's
+    # NCHWc-reordered copy (8C). SD v1: 20 x 320 per latent pixel at the first level, as its ONNX graph replayed in
+    # node order holds (6400 floats, 200 MB at 512²).
+    kept = widest = 0.0
     attention = []
     for level, m in enumerate(mult):
         ds, ch = 2 ** level, mc * m
-        skip += (nrb + 1) * ch / ds ** 2  # every resnet/attention output and the downsampler are kept
+        per_px = ch / ds ** 2
+        work = 8 * per_px
         if ds in attn:
             heads = unet.get("num_heads", -1)
             if unet.get("num_head_channels", -1) not in (-1, None):
                 heads = ch // unet["num_head_channels"]
             attention.append([ds, max(int(heads), 1)])
-            work = max(work, 8 * ch / ds ** 2)  # GEGLU: 2 x 4C hidden per token
-        work = max(work, 3 * ch / ds ** 2)
+            work = (16 + 2) * per_px
+        widest = max(widest, kept + nrb * per_px + work)
+        kept += (nrb + 1) * per_px
+    io = unet.get("in_channels", 4) + unet.get("out_channels", 4)  # x with any concatenated input (low-res image,
+    # inpainting mask and latent), and eps
     first = p["first_stage_config"]["params"].get("ddconfig")
     decoder = encoder = 0.0
     if first:
         decoder = first["ch"] * first["ch_mult"][0]
         encoder = first["ch"]
-    return {"unet_per_latent_px": skip + work, "unet_attention": attention, "decoder_per_px": decoder,
+    return {"unet_per_latent_px": widest + io, "unet_attention": attention, "decoder_per_px": decoder,
             "encoder_per_px": encoder, "first_stage_attention": bool(first)}
 
 
@@ -81,7 +102,8 @@ def estimate(summary: dict, backend: str, precision: str, batch: int, height: in
     tokens = h * w
     unfused = not str(device).startswith("cuda") and not fused_attention  # scores held whole where the backend does
     unet_batch = batch * (2 if guided else 1)
-    unet = OVERHEAD + unet_batch * tokens * a * prof["unet_per_latent_px"]
+    held = ALLOCATOR.get(backend, ALLOCATOR_DEFAULT)
+    unet = OVERHEAD + unet_batch * tokens * a * prof["unet_per_latent_px"] * held
     if unfused and backend in MATERIALISED_UNET:
         unet += unet_batch * ATTENTION_COPIES * 4 * max(
             (heads * (tokens // ds ** 2) ** 2 for ds, heads in prof["unet_attention"]), default=0)
@@ -94,11 +116,24 @@ def estimate(summary: dict, backend: str, precision: str, batch: int, height: in
     mid = batch * ATTENTION_COPIES * 4 * first_tokens ** 2 if materialised else 0
     out = {"unet": int(unet), "decoder": int(OVERHEAD + blended + mid + batch * first_px * a * prof["decoder_per_px"]
                                              * DECODER_LIVE_MAPS)}
+    if summary["conditioning"] == "segmentation":
+        out["cond_stage"] = int(OVERHEAD + segmentation_maps(summary, batch, height, width, held))
     if encode:
         out["encoder"] = int(OVERHEAD + blended + mid + batch * first_px * a * prof["encoder_per_px"]
                              * ENCODER_LIVE_MAPS)
     out["peak"] = max(out.values())
     return out
+
+
+def segmentation_maps(summary: dict, batch: int, height: int, width: int, held: float) -> float:
+    """Bytes of a semantic-synthesis request's conditioning (ldmrt/pipeline.py conditioning): the one-hot map of
+    segmentation_classes float32 per pixel at segmentation_factor pixels per latent pixel, one per image (and the one
+    they are expanded from), and the cond_stage graph's SpatialRescaler on them: its first bilinear stage halves
+    each side (a quarter of the maps), through the backend's allocator."""
+    f = summary["segmentation_factor"]
+    px = (height // summary["latent_factor"] * f) * (width // summary["latent_factor"] * f)
+    one_hot = px * summary["segmentation_classes"] * 4
+    return one_hot * (batch + (batch > 1)) + batch * one_hot / 4 * held
 
 
 def available(device: str = "cpu") -> int:

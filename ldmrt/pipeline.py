@@ -514,8 +514,10 @@ def conditioning(engine, req: Request, shape) -> tuple[torch.Tensor | None, torc
                                               mode="nearest").long()
         if seg.shape[0] not in (1, batch):
             raise InputError(f"{seg.shape[0]} segmentation maps for batch_size={batch}: give one, or one per image")
-        one_hot = torch.nn.functional.one_hot(seg[:, 0], s["segmentation_classes"]).permute(0, 3, 1, 2)
-        maps = one_hot.float().expand(batch, -1, -1, -1).contiguous()
+        # Scattered straight into float32 (F.one_hot's int64 map and its float copy held 3x the maps: 2.2 GB more at
+        # 1024² for 182 classes); what it holds is counted in ldmrt/memory.py segmentation_maps.
+        one_hot = torch.zeros(seg.shape[0], s["segmentation_classes"], *seg.shape[2:]).scatter_(1, seg, 1.0)
+        maps = one_hot.expand(batch, -1, -1, -1).contiguous()
         concat = engine.backend.run("cond_stage", cond=maps)["context"]
     elif kind == "inpainting":
         h, w = shape[2] * s["latent_factor"], shape[3] * s["latent_factor"]
